@@ -1,0 +1,236 @@
+"""Llama-family decoder (SmolLM2): RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Layers are stacked with ``nn.scan`` (parameters gain a leading ``layers`` axis), so a 30-layer
+model compiles as fast as a 1-layer one. The KV cache is an explicit pytree passed in and
+returned, never hidden module state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import struct
+
+from jaxtok.nn import attention as attn
+from jaxtok.nn.layers import DenseGeneral, RMSNorm, matmul, param_with_axes, rotary_embedding
+from jaxtok.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Shape and numerics of a Llama-family decoder.
+
+    Attributes:
+      vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff: the shape.
+      rope_theta, rms_eps: as in the checkpoint.
+      tie_embeddings: output projection is the transposed input embedding.
+      dtype: compute dtype; param_dtype: storage dtype of parameters.
+      attention: implementation behind the attention entry point.
+      remat: rematerialise each block in the backward pass.
+    """
+
+    vocab_size: int = 49152
+    d_model: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    head_dim: int = 64
+    d_ff: int = 1536
+    rope_theta: float = 100_000.0
+    rms_eps: float = 1e-5
+    max_seq_len: int = 8192
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention: str = "auto"
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        attn.AttentionImpl(self.attention)  # fails early on an unknown name
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def storage_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def num_params(self) -> int:
+        d, f = self.d_model, self.d_ff
+        attn_p = d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        block = attn_p + 3 * d * f + 2 * d
+        out = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.n_layers * block + d + out
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    "smollm2-135m": LlamaConfig(),
+    "llama-1b": LlamaConfig(vocab_size=49152, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                            head_dim=64, d_ff=8192, rope_theta=500_000.0),
+    "llama-tiny": LlamaConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                              head_dim=16, d_ff=128, max_seq_len=512),
+}
+
+
+@struct.dataclass
+class KVCache:
+    """Keys/values of every layer, written at ``end`` and advanced by each call.
+
+    k, v: (L, B, S, K, D); positions: (B, S) with -1 for slots not yet written (or padding).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    end: jax.Array
+
+    @classmethod
+    def create(cls, config: LlamaConfig, batch: int, length: int, dtype=None) -> "KVCache":
+        dtype = config.compute_dtype if dtype is None else dtype
+        shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   positions=jnp.full((batch, length), -1, jnp.int32), end=jnp.zeros((), jnp.int32))
+
+
+@struct.dataclass
+class LMOutput:
+    logits: jax.Array
+    hidden: jax.Array | None = None
+    cache: KVCache | None = None
+
+
+class Block(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions, segment_ids, cache_positions, cache_end):
+        cfg = self.config
+        dt, pdt = cfg.compute_dtype, cfg.storage_dtype
+        h = RMSNorm(cfg.rms_eps, dt, pdt, name="attn_norm")(x)
+        dense = dict(dtype=dt, param_dtype=pdt)
+        q = DenseGeneral((cfg.d_model, cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
+                         "btd,dhk->bthk", name="q", **dense)(h)
+        k = DenseGeneral((cfg.d_model, cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
+                         "btd,dhk->bthk", name="k", **dense)(h)
+        v = DenseGeneral((cfg.d_model, cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
+                         "btd,dhk->bthk", name="v", **dense)(h)
+        q = constrain(rotary_embedding(q, positions, cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
+        k = rotary_embedding(k, positions, cfg.rope_theta)
+        if layer_cache is not None:
+            ck, cv = layer_cache
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_end, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_end, axis=1)
+            new_layer_cache = (k, v)
+            k_positions, k_segments = cache_positions, None
+        else:
+            new_layer_cache = None
+            k_positions, k_segments = positions, segment_ids
+        out = attn.dot_product_attention(
+            q, k.astype(dt), v.astype(dt), q_positions=positions, k_positions=k_positions,
+            q_segment_ids=segment_ids if k_segments is not None else None, k_segment_ids=k_segments,
+            causal=True, impl=attn.AttentionImpl(cfg.attention))
+        out = DenseGeneral((cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"),
+                           "bthk,hkd->btd", name="o", **dense)(out)
+        x = constrain(x + out, ("batch", "length", "embed"))
+
+        h = RMSNorm(cfg.rms_eps, dt, pdt, name="mlp_norm")(x)
+        gate = DenseGeneral((cfg.d_model, cfg.d_ff), ("embed", "mlp"), "btd,df->btf", name="gate", **dense)(h)
+        up = DenseGeneral((cfg.d_model, cfg.d_ff), ("embed", "mlp"), "btd,df->btf", name="up", **dense)(h)
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        down = DenseGeneral((cfg.d_ff, cfg.d_model), ("mlp", "embed"), "btf,fd->btd", name="down", **dense)(hidden)
+        x = constrain(x + down, ("batch", "length", "embed"))
+        return x, new_layer_cache
+
+
+class Llama(nn.Module):
+    """Decoder-only LM.
+
+    ``__call__`` takes token ids (B, T) or, instead, input vectors ``embeds`` (B, T, D).
+    ``input_embeddings`` / ``output_embeddings`` (V', D) replace the model's own matrices for
+    this call: tokenizer transfer feeds predicted embeddings through here.
+    Positions default to 0..T-1; ``segment_ids`` (0 = padding) keep packed documents apart.
+    """
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.d_model), cfg.storage_dtype)
+        block = nn.remat(Block) if cfg.remat else Block
+        self.blocks = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="blocks")
+        self.final_norm = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.storage_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = self.param(
+                "lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                (cfg.vocab_size, cfg.d_model), cfg.storage_dtype)
+
+    def __call__(
+        self,
+        tokens: jax.Array | None = None,
+        *,
+        embeds: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+        input_embeddings: jax.Array | None = None,
+        output_embeddings: jax.Array | None = None,
+        return_hidden: bool = False,
+        compute_logits: bool = True,
+    ) -> LMOutput:
+        cfg = self.config
+        dt = cfg.compute_dtype
+        if embeds is None:
+            if tokens is None:
+                raise ValueError("pass tokens or embeds")
+            table = self.embedding if input_embeddings is None else input_embeddings
+            x = jnp.take(table, tokens, axis=0).astype(dt)
+        else:
+            x = embeds.astype(dt)
+        b, t = x.shape[:2]
+        x = constrain(x, ("batch", "length", "embed"))
+        if positions is None:
+            start = 0 if cache is None else cache.end
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if cache is not None:
+            cache_positions = jax.lax.dynamic_update_slice_in_dim(
+                cache.positions, positions.astype(jnp.int32), cache.end, axis=1)
+            layer_caches = (cache.k, cache.v)
+        else:
+            cache_positions, layer_caches = None, None
+        end = None if cache is None else cache.end
+        x, new_layer_caches = self.blocks(x, layer_caches, positions, segment_ids, cache_positions, end)
+        x = self.final_norm(x)
+        new_cache = None
+        if cache is not None:
+            k, v = new_layer_caches
+            new_cache = KVCache(k=k, v=v, positions=cache_positions, end=cache.end + t)
+        logits = None
+        if compute_logits:
+            if output_embeddings is not None:
+                out_table = output_embeddings
+            else:
+                out_table = self.embedding if cfg.tie_embeddings else self.lm_head
+            logits = matmul("btd,vd->btv", x, out_table, dt).astype(jnp.float32)
+            logits = constrain(logits, ("batch", "length", "vocab"))
+        return LMOutput(logits=logits, hidden=x if return_hidden else None, cache=new_cache)
+
+
+def init_params(config: LlamaConfig, rng: jax.Array, seq_len: int = 8) -> Any:
+    """Boxed parameters (with logical axis names); ``flax.linen.unbox`` gives plain arrays."""
+    return Llama(config).init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
