@@ -1,0 +1,134 @@
+"""The ``jaxtok`` command line.
+
+  jaxtok quickstart                               # SmolLM2: bits/byte on a built-in text + a reply
+  jaxtok eval-bpb --model smollm2-135m --text FILE
+  jaxtok generate --model smollm2-135m --prompt "Hello"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16")
+
+
+def sample_text() -> str:
+    return resources.files("jaxtok.assets").joinpath("sample.txt").read_text(encoding="utf-8")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="pretrained model name")
+    parser.add_argument("--model-path", default=None,
+                        help="local model file, wheel or folder (default: cached download)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
+
+
+def _load(args):
+    from jaxtok.models.registry import load_pretrained_lm
+
+    start = time.perf_counter()
+    loaded = load_pretrained_lm(args.model, args.model_path, dtype=args.dtype,
+                                param_dtype=args.dtype)
+    print(f"loaded {args.model} from {loaded.path} in {time.perf_counter() - start:.1f}s",
+          file=sys.stderr)
+    return loaded
+
+
+def _eval_bpb(loaded, text: str, window: int, stride: int | None, batch_size: int):
+    from jaxtok.evaluate import evaluate_bpb
+    from jaxtok.models.llama import Llama
+
+    model = Llama(loaded.config)
+
+    def apply(params, tokens, positions):
+        return model.apply({"params": params}, tokens, positions=positions).logits
+
+    return evaluate_bpb(apply, loaded.params, loaded.tokenizer, text, window=window, stride=stride,
+                        batch_size=batch_size)
+
+
+def _generate(loaded, prompt: str, chat: bool, max_new_tokens: int, temperature: float,
+              top_k: int, top_p: float, seed: int) -> str:
+    import jax
+
+    from jaxtok.decode.generate import SamplingConfig, generate
+    from jaxtok.models.llama import Llama
+
+    tok = loaded.tokenizer
+    if chat and tok.chat_template is not None:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+    ids = generate(Llama(loaded.config), loaded.params, [tok.encode(prompt)],
+                   max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                   sampling=SamplingConfig(temperature, top_k, top_p), rng=jax.random.key(seed))
+    return tok.decode(ids[0])
+
+
+def cmd_eval_bpb(args) -> int:
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else sample_text()
+    result = _eval_bpb(_load(args), text, args.window, args.stride, args.batch_size)
+    print(result.result_line())
+    return 0
+
+
+def cmd_generate(args) -> int:
+    loaded = _load(args)
+    print(_generate(loaded, args.prompt, not args.raw, args.max_new_tokens, args.temperature,
+                    args.top_k, args.top_p, args.seed))
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    loaded = _load(args)
+    result = _eval_bpb(loaded, sample_text(), window=512, stride=None, batch_size=2)
+    prompt = "In one sentence, why do language models need tokenizers?"
+    print(f"prompt: {prompt}")
+    print(f"reply:  {_generate(loaded, prompt, True, 48, 0.0, 0, 1.0, 0)}")
+    print(result.result_line())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxtok", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("quickstart", help="load SmolLM2, bits/byte on a built-in text, one reply")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("eval-bpb", help="bits per byte of a model on a text file")
+    _add_model_args(p)
+    p.add_argument("--text", default=None, help="UTF-8 text file (default: a built-in sample)")
+    p.add_argument("--window", type=int, default=1024, help="tokens per window")
+    p.add_argument("--stride", type=int, default=None, help="window advance (default window/2)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.set_defaults(func=cmd_eval_bpb)
+
+    p = sub.add_parser("generate", help="continue a prompt")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="no chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"jaxtok {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling.
+
+Prompts are left-padded (padding gets position -1, so no query ever attends to it). The whole
+prefill + decode loop is one jitted function (a ``lax.while_loop`` that stops when every row has
+produced EOS), so decoding a token costs one fused step with no Python dispatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtok.models.llama import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"invalid sampling settings {self}")
+
+
+def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """(B, V) float32 logits -> (B,) int32 token ids."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        cutoff_index = jnp.sum(cumulative < sampling.top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16):
+    """Token and position arrays for left-padded prompts; length rounded up to ``multiple`` so
+    prompts of similar length share one compiled program."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    length = -(-max(len(p) for p in prompts) // multiple) * multiple
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    positions = np.full((len(prompts), length), -1, np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, length - len(p):] = p
+        positions[row, length - len(p):] = np.arange(len(p))
+    return tokens, positions
+
+
+def _generate(model, params, tokens, positions, rng, *, max_new_tokens: int,
+              sampling: SamplingConfig, eos_id: int, pad_id: int):
+    batch, prompt_len = tokens.shape
+    cache = KVCache.create(model.config, batch, prompt_len + max_new_tokens)
+    out = model.apply({"params": params}, tokens, positions=positions, cache=cache)
+    next_pos = positions[:, -1] + 1
+    rng, step_rng = jax.random.split(rng)
+    first = sample_token(out.logits[:, -1], step_rng, sampling)
+    generated = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+
+    def cond(state):
+        step, _, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, last, done, generated, rng = state
+        pos = (next_pos + step - 1)[:, None]
+        out = model.apply({"params": params}, last[:, None], positions=pos, cache=cache)
+        rng, step_rng = jax.random.split(rng)
+        token = sample_token(out.logits[:, -1], step_rng, sampling)
+        token = jnp.where(done, pad_id, token)
+        generated = jax.lax.dynamic_update_slice_in_dim(generated, token[:, None], step, axis=1)
+        return step + 1, out.cache, token, done | (token == eos_id), generated, rng
+
+    state = (jnp.int32(1), out.cache, first, first == eos_id, generated, rng)
+    _, _, _, _, generated, _ = jax.lax.while_loop(cond, body, state)
+    return generated
+
+
+_generate_jit = jax.jit(_generate, static_argnames=("model", "max_new_tokens", "sampling", "eos_id", "pad_id"))
+
+
+def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             eos_id: int, pad_id: int | None = None, sampling: SamplingConfig = SamplingConfig(),
+             rng: jax.Array | None = None) -> list[list[int]]:
+    """Continuations of ``prompts`` (lists of ids); each stops after its EOS (kept) or at
+    ``max_new_tokens``."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    pad_id = eos_id if pad_id is None else pad_id
+    tokens, positions = left_pad(prompts, pad_id)
+    if tokens.shape[1] + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"prompt ({tokens.shape[1]} padded) + {max_new_tokens} new tokens exceeds "
+                         f"the model's context of {model.config.max_seq_len}")
+    rng = jax.random.key(0) if rng is None else rng
+    out = np.asarray(_generate_jit(model, params, jnp.asarray(tokens), jnp.asarray(positions), rng,
+                                   max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id,
+                                   pad_id=pad_id))
+    results = []
+    for row in out:
+        ids = row.tolist()
+        if eos_id in ids:
+            ids = ids[:ids.index(eos_id) + 1]
+        results.append(ids)
+    return results
