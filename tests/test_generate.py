@@ -43,13 +43,13 @@ def test_stops_after_eos(params):
 def test_sampling_filters():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 200)
-    top1 = {int(x) for x in jax.vmap(lambda k: sample_token(logits, k, SamplingConfig(1.0, top_k=1)))(keys).ravel()}
-    assert top1 == {0}
-    top2 = {int(x) for x in jax.vmap(lambda k: sample_token(logits, k, SamplingConfig(1.0, top_k=2)))(keys).ravel()}
-    assert top2 == {0, 1}
+    def support(sampling):
+        return {int(x) for x in jax.vmap(lambda k: sample_token(logits, k, sampling))(keys).ravel()}
+
+    assert support(SamplingConfig(1.0, top_k=1)) == {0}
+    assert support(SamplingConfig(1.0, top_k=2)) == {0, 1}
     # top-p 0.7: 0.5 alone is below 0.7, so tokens 0 and 1 remain
-    nucleus = {int(x) for x in jax.vmap(lambda k: sample_token(logits, k, SamplingConfig(1.0, top_p=0.7)))(keys).ravel()}
-    assert nucleus == {0, 1}
+    assert support(SamplingConfig(1.0, top_p=0.7)) == {0, 1}
     full = np.asarray(jax.vmap(lambda k: sample_token(logits, k, SamplingConfig(1.0)))(keys)).ravel()
     assert set(full.tolist()) <= {0, 1, 2, 3} and (full == 0).mean() > 0.35
     assert int(sample_token(logits, keys[0], SamplingConfig())[0]) == 0
