@@ -19,6 +19,7 @@ def params():
     return nn.unbox(init_params(CFG, jax.random.key(0)))
 
 
+@jax.jit
 def forward(params, tokens, **kw):
     return Llama(CFG).apply({"params": params}, tokens, **kw)
 
@@ -32,7 +33,7 @@ class TestForward(chex.TestCase):
     def test_shapes_and_hidden(self):
         p = nn.unbox(init_params(CFG, jax.random.key(0)))
         tokens = random_tokens(1, (3, 7))
-        fn = self.variant(lambda p, t: forward(p, t, return_hidden=True))
+        fn = self.variant(lambda p, t: Llama(CFG).apply({"params": p}, t, return_hidden=True))
         out = fn(p, tokens)
         chex.assert_shape(out.logits, (3, 7, CFG.vocab_size))
         chex.assert_shape(out.hidden, (3, 7, CFG.d_model))
