@@ -21,7 +21,9 @@ def greedy_by_full_forward(params, prompt, n):
     seq = list(prompt)
     fwd = jax.jit(lambda p, t: Llama(CFG).apply({"params": p}, t).logits)
     for _ in range(n):
-        seq.append(int(fwd(params, jnp.asarray([seq]))[0, -1].argmax()))
+        # right-padded to one length (one compile); causal, so the padding cannot leak backwards
+        padded = seq + [0] * (len(prompt) + n - len(seq))
+        seq.append(int(fwd(params, jnp.asarray([padded]))[0, len(seq) - 1].argmax()))
     return seq[len(prompt):]
 
 
