@@ -53,7 +53,7 @@ ACTIVATION_RULES: Rules = (
 
 
 def parse_mesh_shape(text: str) -> dict[str, int]:
-    """Parses ``data=2,fsdp=2,tensor=2`` (missing axes are 1)."""
+    """Parses ``data=2,fsdp=2,tensor=2`` (missing axes are 1; one -1 takes the devices left)."""
     shape = {axis: 1 for axis in MESH_AXES}
     if not text:
         return shape
@@ -66,8 +66,8 @@ def parse_mesh_shape(text: str) -> dict[str, int]:
             shape[name] = int(value)
         except ValueError:
             raise ValueError(f"bad mesh size in {item!r}: not an integer") from None
-        if shape[name] < 1:
-            raise ValueError(f"bad mesh size in {item!r}: must be >= 1")
+        if shape[name] < 1 and shape[name] != -1:
+            raise ValueError(f"bad mesh size in {item!r}: must be >= 1 (or -1: the devices left)")
     return shape
 
 

@@ -1,0 +1,61 @@
+"""The sharded train step of full-size configs compiles for a TPU v5e slice on this CPU.
+
+libtpu compiles for a described topology without the hardware. It lives outside the test venv
+(``$JAXTOK_LIBTPU_DIR``, set by .ci/run) so that no other JAX process here tries to start a TPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+V5E_HBM_BYTES = 16 * 2**30
+
+SCRIPT = """
+import json, sys
+from jaxtok.train.aot import tpu_devices, compile_train_step
+devices = tpu_devices("v5e:2x2")
+out = {}
+for model, batch in (("smollm2-135m", 8), ("llama-1b", 8)):
+    out[model] = compile_train_step(model, devices, "fsdp=4", batch, 1024).summary()
+print("AOT " + json.dumps(out))
+"""
+
+
+def libtpu_path() -> str | None:
+    try:
+        import libtpu  # noqa: F401
+
+        return ""
+    except ImportError:
+        path = os.environ.get("JAXTOK_LIBTPU_DIR")
+        return path if path and (Path(path) / "libtpu").is_dir() else None
+
+
+def test_full_size_train_steps_compile_for_tpu_v5e():
+    extra_path = libtpu_path()
+    if extra_path is None:
+        pytest.skip("libtpu not installed (pip install --target DIR libtpu; export JAXTOK_LIBTPU_DIR=DIR)")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+           "TPU_ACCELERATOR_TYPE": "v5litepod-4", "XLA_FLAGS": ""}
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=1200)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("AOT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    report = json.loads(lines[-1][4:])
+    for model, expected_params in (("smollm2-135m", 134_515_008), ("llama-1b", None)):
+        r = report[model]
+        print(f"{model}: {json.dumps(r)}")
+        if expected_params:
+            assert r["num_params"] == expected_params
+        # params + two Adam moments in float32, split over 4 chips by FSDP (norms stay replicated)
+        sharded_state = 3 * 4 * r["num_params"] / 4
+        assert 0.9 * sharded_state < r["argument_size_in_bytes"] < 1.5 * sharded_state
+        assert r["argument_size_in_bytes"] + r["temp_size_in_bytes"] < V5E_HBM_BYTES
+    assert 0.9e9 < report["llama-1b"]["num_params"] < 1.3e9
