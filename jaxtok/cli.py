@@ -3,6 +3,8 @@
   jaxtok quickstart                               # SmolLM2: bits/byte on a built-in text + a reply
   jaxtok eval-bpb --model smollm2-135m --text FILE
   jaxtok generate --model smollm2-135m --prompt "Hello"
+  jaxtok pretrain [--config NAME] [--set key=value ...] [--mesh data=2,fsdp=2] [--run-dir DIR] [--resume]
+  jaxtok grow --from RUN_DIR --to NEW_RUN_DIR --set model.ffn_tokens=N [--mode zero|random] [--steps N]
 """
 
 from __future__ import annotations
@@ -91,6 +93,31 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from jaxtok.train import pretrain
+
+    config = pretrain.config_from_args(args.config, args.set, mesh=args.mesh, run_dir=args.run_dir)
+    pretrain.enable_compilation_cache()
+    pretrain.run(config, resume=args.resume)
+    return 0
+
+
+def cmd_grow(args) -> int:
+    from jaxtok.train import grow
+
+    return grow.main(args.grow_args)
+
+
+def _add_pretrain_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="default",
+                        help="experiment preset: default, tiny, tokenformer-tiny, smollm2-continue")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config fields, e.g. steps=50 optimizer.lr=1e-3 model.d_model=128")
+    parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=2,tensor=2")
+    parser.add_argument("--run-dir", default=None, help="where checkpoints, metrics and plots go")
+    parser.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxtok", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("pretrain", help="train a language model from an experiment config")
+    _add_pretrain_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    # grow parses its own arguments (jaxtok.train.grow.build_parser, imported only when used):
+    # prefix "+" makes this parser pass every "--x" through untouched
+    p = sub.add_parser("grow", help="grow a TokenFormer run by appending parameter tokens", add_help=False,
+                       prefix_chars="+")
+    p.add_argument("grow_args", nargs="*")
+    p.set_defaults(func=cmd_grow)
     return parser
 
 

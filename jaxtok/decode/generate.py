@@ -63,11 +63,22 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16):
     return tokens, positions
 
 
+def _grow(cache: KVCache, extra: int) -> KVCache:
+    """``cache`` with ``extra`` empty slots appended."""
+    pad = [(0, 0)] * cache.k.ndim
+    pad[2] = (0, extra)  # (L, B, S, K, D)
+    return cache.replace(k=jnp.pad(cache.k, pad), v=jnp.pad(cache.v, pad),
+                         positions=jnp.pad(cache.positions, ((0, 0), (0, extra)), constant_values=-1))
+
+
 def _generate(model, params, tokens, positions, rng, *, max_new_tokens: int,
               sampling: SamplingConfig, eos_id: int, pad_id: int):
     batch, prompt_len = tokens.shape
-    cache = KVCache.create(model.config, batch, prompt_len + max_new_tokens)
-    out = model.apply({"params": params}, tokens, positions=positions, cache=cache)
+    # The prompt attends to a cache of its own length (not to the empty slots of the new tokens),
+    # which then grows by max_new_tokens empty slots (position -1) for decoding.
+    cache = KVCache.create(model.config, batch, prompt_len)
+    out = model.apply({"params": params}, tokens, positions=positions, cache=cache, last_logits_only=True)
+    cache = _grow(out.cache, max_new_tokens)
     next_pos = positions[:, -1] + 1
     rng, step_rng = jax.random.split(rng)
     first = sample_token(out.logits[:, -1], step_rng, sampling)
@@ -87,12 +98,32 @@ def _generate(model, params, tokens, positions, rng, *, max_new_tokens: int,
         generated = jax.lax.dynamic_update_slice_in_dim(generated, token[:, None], step, axis=1)
         return step + 1, out.cache, token, done | (token == eos_id), generated, rng
 
-    state = (jnp.int32(1), out.cache, first, first == eos_id, generated, rng)
+    state = (jnp.int32(1), cache, first, first == eos_id, generated, rng)
     _, _, _, _, generated, _ = jax.lax.while_loop(cond, body, state)
     return generated
 
 
-_generate_jit = jax.jit(_generate, static_argnames=("model", "max_new_tokens", "sampling", "eos_id", "pad_id"))
+_STATIC = ("model", "max_new_tokens", "sampling", "eos_id", "pad_id")
+_generate_jit = jax.jit(_generate, static_argnames=_STATIC)
+# XLA:CPU's float-normalization pass gives bf16 ops that lack a bf16 kernel float32 operands,
+# dynamic-slice among them: the slice that takes each layer's weights (and cache) in the layer scan.
+# The whole stacked bf16 weights are then converted to float32, hoisted out of the loops, and every
+# decoding step reads float32 weights and converts them back: bf16 decoded slower than float32.
+# Without the pass, slices stay bf16 (decoding ~1.7x faster, logits as close to float32's). It is
+# only safe when every matrix product accumulates in float32 (``matmul``, the reference
+# attention): a bf16-output product then has no CPU kernel and compiling fails.
+_generate_jit_cpu = jax.jit(_generate, static_argnames=_STATIC,
+                            compiler_options={"xla_disable_hlo_passes": "float-normalization-bf16"})
+
+
+def _skip_float_normalization(model, params) -> bool:
+    """On CPU, for 16-bit compute, unless attention is jax.nn's (its bf16-output products have no
+    CPU kernel without the pass: compiling fails)."""
+    leaf = jax.tree.leaves(params)[0]
+    devices = leaf.devices() if isinstance(leaf, jax.Array) else ()
+    platform = next(iter(devices)).platform if devices else jax.default_backend()
+    config = model.config
+    return platform == "cpu" and jnp.finfo(config.compute_dtype).bits < 32 and config.attention != "xla"
 
 
 def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -108,9 +139,9 @@ def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_n
         raise ValueError(f"prompt ({tokens.shape[1]} padded) + {max_new_tokens} new tokens exceeds "
                          f"the model's context of {model.config.max_seq_len}")
     rng = jax.random.key(0) if rng is None else rng
-    out = np.asarray(_generate_jit(model, params, jnp.asarray(tokens), jnp.asarray(positions), rng,
-                                   max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id,
-                                   pad_id=pad_id))
+    run = _generate_jit_cpu if _skip_float_normalization(model, params) else _generate_jit
+    out = np.asarray(run(model, params, jnp.asarray(tokens), jnp.asarray(positions), rng,
+                         max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id))
     results = []
     for row in out:
         ids = row.tolist()

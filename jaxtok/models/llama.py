@@ -128,9 +128,11 @@ class Block(nn.Module):
         k = rotary_embedding(k, positions, cfg.rope_theta)
         if layer_cache is not None:
             ck, cv = layer_cache
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_end, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_end, axis=1)
-            new_layer_cache = (k, v)
+            # Only this call's entries leave the block; the caller writes them into the stacked
+            # cache in place (stacking whole per-layer caches would copy the cache every step).
+            new_layer_cache = (k.astype(ck.dtype), v.astype(cv.dtype))  # (B, T, K, D) each
+            k = jax.lax.dynamic_update_slice_in_dim(ck, new_layer_cache[0], cache_end, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, new_layer_cache[1], cache_end, axis=1)
             k_positions, k_segments = cache_positions, None
         else:
             new_layer_cache = None
@@ -192,7 +194,10 @@ class Llama(nn.Module):
         output_embeddings: jax.Array | None = None,
         return_hidden: bool = False,
         compute_logits: bool = True,
+        last_logits_only: bool = False,
     ) -> LMOutput:
+        """``last_logits_only`` returns logits (B, 1, V) of the last position only, all that
+        generation needs after a prefill (the output layer is ~20% of a 512-token prefill)."""
         cfg = self.config
         dt = cfg.compute_dtype
         if embeds is None:
@@ -218,7 +223,9 @@ class Llama(nn.Module):
         x = self.final_norm(x)
         new_cache = None
         if cache is not None:
-            k, v = new_layer_caches
+            new_k, new_v = new_layer_caches  # (L, B, T, K, D)
+            k = jax.lax.dynamic_update_slice_in_dim(cache.k, new_k, cache.end, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.v, new_v, cache.end, axis=2)
             new_cache = KVCache(k=k, v=v, positions=cache_positions, end=cache.end + t)
         logits = None
         if compute_logits:
@@ -226,11 +233,14 @@ class Llama(nn.Module):
                 out_table = output_embeddings
             else:
                 out_table = self.embedding if cfg.tie_embeddings else self.lm_head
-            logits = matmul("btd,vd->btv", x, out_table, dt).astype(jnp.float32)
+            last = x[:, -1:] if last_logits_only else x
+            logits = matmul("btd,vd->btv", last, out_table, dt).astype(jnp.float32)
             logits = constrain(logits, ("batch", "length", "vocab"))
         return LMOutput(logits=logits, hidden=x if return_hidden else None, cache=new_cache)
 
 
 def init_params(config: LlamaConfig, rng: jax.Array, seq_len: int = 8) -> Any:
     """Boxed parameters (with logical axis names); ``flax.linen.unbox`` gives plain arrays."""
-    return Llama(config).init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    # jitted: eager init of a scanned model dispatches op by op and is several times slower
+    model = Llama(config)
+    return jax.jit(lambda key: model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"])(rng)

@@ -45,12 +45,18 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
                         scale: float) -> jax.Array:
     """q (B, T, H, D); k, v (B, S, K, D) with H a multiple of K (grouped queries); mask (B, T, S)."""
     b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # (B, T, K, G, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    kv_heads, s = k.shape[2], k.shape[1]
+    g = h // kv_heads
+    # The G query heads sharing a key/value head become rows of one (T*G, S) score matrix per
+    # key/value head, keys last: both products are then plain row-major matrix products (about
+    # 2x faster on CPU than (G, T, S) scores, which need the probabilities transposed).
+    q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, d)  # (B, K, T*G, D)
+    scores = jnp.einsum("bkqd,bskd->bkqs", q, k, preferred_element_type=jnp.float32) * scale
+    scores = scores.reshape(b, kv_heads, t, g, s)  # (B, K, T, G, S)
+    scores = jnp.where(mask[:, None, :, None, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, t * g, s)
+    out = jnp.einsum("bkqs,bskd->bkqd", probs, v, preferred_element_type=jnp.float32)  # (B, K, T*G, Dv)
+    out = out.reshape(b, kv_heads, t, g, v.shape[-1]).transpose(0, 2, 1, 3, 4)  # (B, T, K, G, Dv)
     return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)
 
 

@@ -24,9 +24,33 @@ def param_with_axes(module: nn.Module, name: str, init: Initializer, shape: Sequ
 
 
 def matmul(spec: str, x: jax.Array, w: jax.Array, dtype: Dtype) -> jax.Array:
-    """``einsum(spec, x, w)`` in ``dtype`` with float32 accumulation, result in ``dtype``."""
-    out = jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
-    return out.astype(dtype)
+    """``einsum(spec, x, w)`` in ``dtype`` with float32 accumulation, result in ``dtype``.
+
+    A 16-bit product whose ``x`` is a single row (one-token decoding) is computed on two copies
+    of that row: XLA:CPU turns a bf16 matrix-vector product into an f32 one by converting the
+    whole weight matrix on every call (~10x slower for SmolLM2's output layer), while two rows
+    keep the bf16 kernel. Elsewhere the extra row costs nothing measurable.
+    """
+    x, w = x.astype(dtype), w.astype(dtype)
+    row_axis = _single_row_axis(spec, x) if jnp.finfo(dtype).bits < 32 else None
+    if row_axis is None:
+        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(dtype)
+    lhs_axis, out_axis = row_axis
+    out = jnp.einsum(spec, jnp.concatenate([x, x], axis=lhs_axis), w, preferred_element_type=jnp.float32)
+    return jax.lax.slice_in_dim(out, 0, 1, axis=out_axis).astype(dtype)
+
+
+def _single_row_axis(spec: str, x: jax.Array) -> tuple[int, int] | None:
+    """(axis in ``x``, axis in the output) of an ``x``-only axis when all ``x``-only axes have
+    size 1 (``x`` is one row against ``w``); None otherwise."""
+    if "..." in spec or "->" not in spec:
+        return None
+    inputs, out = spec.replace(" ", "").split("->")
+    lhs, rhs = inputs.split(",")
+    own = [a for a in lhs if a not in rhs and a in out]
+    if not own or any(x.shape[lhs.index(a)] != 1 for a in own):
+        return None
+    return lhs.index(own[-1]), out.index(own[-1])
 
 
 class DenseGeneral(nn.Module):

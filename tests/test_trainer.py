@@ -1,0 +1,335 @@
+"""The trainer on tiny models: sharded steps equal the single-device step, accumulation equals
+one big batch, NaN stops the run, TokenFormer trains, configs reject what they should, and a run
+killed with SIGKILL resumes to exactly the losses of an uninterrupted one."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import PartitionSpec
+
+from jaxtok.models import llama, tokenformer
+from jaxtok.sharding import PARAM_RULES, logical_to_spec, make_mesh
+from jaxtok.train import (
+    Checkpointer,
+    LoopConfig,
+    OptimizerConfig,
+    Trainer,
+    TrainingDiverged,
+    configs,
+    fit,
+    lm_task,
+    pretrain,
+)
+from jaxtok.train.configs import UnknownKeyError, apply_overrides
+from jaxtok.train.observe import read_metrics
+
+LLAMA = llama.PRESETS["llama-tiny"]
+OPT = OptimizerConfig(lr=1e-3, warmup_steps=0, weight_decay=0.1)
+
+
+def random_batch(seed: int, rows: int = 8, length: int = 32, vocab: int = 256) -> dict[str, np.ndarray]:
+    """A packed-looking batch: two documents per row, the last few positions padding."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (rows, length)).astype(np.int32)
+    half = length // 2
+    segments = np.ones((rows, length), np.int32)
+    segments[:, half:] = 2
+    segments[:, -3:] = 0
+    positions = np.where(np.arange(length) < half, np.arange(length), np.arange(length) - half)
+    positions = np.broadcast_to(positions, (rows, length)) * (segments > 0)
+    return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1), "segment_ids": segments,
+            "positions": positions.astype(np.int32), "loss_mask": (segments > 0).astype(np.int32),
+            "num_bytes": rng.integers(50, 90, rows).astype(np.int32)}
+
+
+@pytest.fixture(scope="module")
+def llama_params():
+    # One host-side init shared by every trainer: the parameters are then identical across
+    # meshes, and the model's init is compiled once.
+    return jax.device_get(nn.unbox(llama.init_params(LLAMA, jax.random.key(0))))
+
+
+def make_trainer(mesh_shape: str | None, optimizer: OptimizerConfig = OPT, config=LLAMA) -> Trainer:
+    devices = jax.devices()[:1] if mesh_shape is None else None
+    module = llama.Llama(config) if isinstance(config, llama.LlamaConfig) else tokenformer.TokenFormer(config)
+    return Trainer(lm_task(module), optimizer, make_mesh(mesh_shape, devices), total_steps=10)
+
+
+def two_steps(trainer: Trainer, params) -> tuple[object, list[dict]]:
+    state = trainer.init_state(jax.random.key(0), params=params)
+    history = []
+    for seed in (1, 2):
+        state, metrics = trainer.train_step(state, trainer.device_batch(random_batch(seed)))
+        history.append(jax.device_get(metrics))
+    return state, history
+
+
+@pytest.fixture(scope="module")
+def single_device_run(llama_params):
+    return two_steps(make_trainer(None), llama_params)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) sharded steps
+
+
+@pytest.mark.parametrize("mesh_shape", ["data=8", "fsdp=8", "data=2,fsdp=2,tensor=2"])
+def test_sharded_step_equals_single_device(mesh_shape, llama_params, single_device_run):
+    trainer = make_trainer(mesh_shape)
+    state, history = two_steps(trainer, llama_params)
+    ref_state, ref_history = single_device_run
+    for got, want in zip(history, ref_history):
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+        np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-4)
+    # Adam divides by the gradient's own size, so where a gradient is ~0 float noise from a
+    # different reduction order moves the update by a visible fraction of lr (1e-3): 1e-5 is 1%.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
+                 state.params, ref_state.params)
+    assert int(state.step) == 2
+
+    # every parameter and both Adam moments are placed as PARAM_RULES say
+    mesh = trainer.mesh
+    specs = jax.tree.map(lambda x, axes: (x, logical_to_spec(tuple(axes), x.shape, mesh, PARAM_RULES)),
+                         state.params, trainer.logical_axes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    adam = state.opt_state[1][0]
+    for path, (param, spec) in jax.tree_util.tree_flatten_with_path(
+            specs, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2)[0]:
+        assert param.sharding.spec == spec, path
+        moment = adam.mu
+        for key in path:
+            moment = moment[key.key]
+        assert moment.sharding.spec == spec, path
+
+
+def test_parallelism_modes_really_shard(llama_params):
+    trainer = make_trainer("data=2,fsdp=2,tensor=2")
+    state = trainer.init_state(jax.random.key(0), params=llama_params)
+    q = state.params["blocks"]["q"]["kernel"]  # (layers, embed, heads, head_dim) = (2, 64, 4, 16)
+    assert q.sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+    assert q.addressable_shards[0].data.shape == (2, 32, 2, 16)
+    assert state.params["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")
+    fsdp = make_trainer("fsdp=8").init_state(jax.random.key(0), params=llama_params)
+    assert fsdp.params["blocks"]["up"]["kernel"].addressable_shards[0].data.shape == (2, 8, 128)
+    data = make_trainer("data=8").init_state(jax.random.key(0), params=llama_params)
+    assert data.params["embedding"].sharding.is_fully_replicated
+
+
+# ---------------------------------------------------------------------------------------------
+# (g) gradient accumulation
+
+
+def test_micro_batches_equal_one_big_batch(llama_params, single_device_run):
+    trainer = make_trainer(None, dataclasses.replace(OPT, micro_batches=4))
+    state, history = two_steps(trainer, llama_params)
+    ref_state, ref_history = single_device_run
+    for got, want in zip(history, ref_history):
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+        np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-5)
+        assert got["tokens"] == want["tokens"]
+    # (the same Adam caveat as above: 1% of one update)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5),
+                 state.params, ref_state.params)
+
+
+def test_batch_must_divide_over_data_axes():
+    trainer = make_trainer("data=8")
+    with pytest.raises(ValueError, match="divide by the data-parallel size 8"):
+        trainer.device_batch(random_batch(0, rows=4))
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) divergence
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, llama_params):
+    trainer = make_trainer(None)
+    poisoned = random_batch(3)
+    poisoned["targets"][:] = LLAMA.vocab_size + 7  # out of range: the gather fills NaN
+    batches = iter([random_batch(1), random_batch(2), poisoned, random_batch(4)])
+    state = trainer.init_state(jax.random.key(0), params=llama_params)
+    with Checkpointer(tmp_path / "ckpt", keep=3) as checkpointer:
+        with pytest.raises(TrainingDiverged, match=r"diverged at step 3 \(loss=nan.*last good checkpoint is step 2"):
+            fit(trainer, state, batches, LoopConfig(steps=4, checkpoint_every=2), checkpointer=checkpointer)
+    with Checkpointer(tmp_path / "ckpt") as checkpointer:
+        assert checkpointer.all_steps() == [2]
+        restored = checkpointer.restore_latest(trainer.abstract_state)
+    assert restored.step == 2
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state.params))
+    # a fresh run never starts over a run's checkpoints
+    with Checkpointer(tmp_path / "ckpt") as checkpointer, pytest.raises(ValueError, match="pass --resume"):
+        pretrain.restore_or_init(trainer, checkpointer, configs.tiny(), iter([]), resume=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# (h) another model family through the same trainer
+
+
+def test_tokenformer_trains_through_the_same_trainer():
+    trainer = make_trainer(None, OptimizerConfig(lr=1e-2, warmup_steps=0), tokenformer.PRESETS["tokenformer-tiny"])
+    state = trainer.init_state(jax.random.key(0))
+    batch = trainer.device_batch(random_batch(5))
+    losses = []
+    for _ in range(6):
+        state, metrics = trainer.train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.1, losses
+    result = trainer.evaluate(state.params, [random_batch(5)])
+    assert result["bpb"] > 0 and np.isfinite(result["loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# (f) configs and the command line
+
+
+def test_overrides_are_typed_and_nested():
+    config = apply_overrides(configs.tiny(), ["steps=1e2", "optimizer.lr=0.01", "model.d_model=32",
+                                              "data.max_documents=none", "data.paths=a.txt,b.txt", "progress=false"])
+    assert config.steps == 100 and config.optimizer.lr == 0.01 and config.progress is False
+    assert config.model_config(vocab_size=512).d_model == 32
+    assert config.data.max_documents is None and config.data.paths == ("a.txt", "b.txt")
+    switched = apply_overrides(configs.default(), ["model.ffn_tokens=64", "model=tokenformer-tiny"])
+    assert switched.model_config(vocab_size=512).ffn_tokens == 64
+
+
+@pytest.mark.parametrize("item, message", [
+    ("nope=1", "unknown config key 'nope'; valid keys: .*checkpoint_every.*optimizer.lr"),
+    ("optimizer.learning_rate=1", "unknown config key 'optimizer.learning_rate'; valid keys:"),
+    ("model.qkv_tokens=4", "unknown config key 'model.qkv_tokens'; valid keys: .*model.d_model"),
+    ("model.vocab_size=9", "unknown config key 'model.vocab_size'"),
+])
+def test_unknown_keys_list_the_valid_ones(item, message):
+    with pytest.raises(UnknownKeyError, match=message):
+        apply_overrides(configs.tiny(), [item])
+
+
+@pytest.mark.parametrize("item, message", [
+    ("steps=abc", "steps: expected an integer"),
+    ("progress=maybe", "progress: expected true or false"),
+    ("data.source=ftp", r"data.source: 'ftp' is not one of \['stdlib'"),
+    ("mesh=data=2,pipe=2", "bad mesh item"),
+    ("model.n_heads=3", "not a multiple"),
+    ("steps", "expected key=value"),
+])
+def test_bad_values_are_rejected(item, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(configs.tiny(), [item])
+
+
+def test_cli_reports_bad_mesh_and_missing_data(tmp_path, capsys, monkeypatch):
+    from jaxtok.cli import main
+
+    monkeypatch.setattr(pretrain, "enable_compilation_cache", lambda: None)  # no process-wide cache here
+
+    assert main(["pretrain", "--config", "tiny", "--mesh", "data=3", "--run-dir", str(tmp_path / "a")]) == 2
+    assert "needs 3 devices but 8 are available" in capsys.readouterr().err
+    assert main(["pretrain", "--config", "tiny", "--run-dir", str(tmp_path / "b"),
+                 "--set", "data.source=text", f"data.paths={tmp_path}/missing.txt"]) == 2
+    assert f"path {tmp_path}/missing.txt does not exist" in capsys.readouterr().err
+    assert main(["pretrain", "--config", "nope"]) == 2
+    assert "unknown config 'nope'; available: ['default'" in capsys.readouterr().err
+
+
+def test_multi_process_environment_detection():
+    assert not pretrain.is_multi_process_env({})
+    assert not pretrain.is_multi_process_env({"SLURM_NTASKS": "1"})
+    assert pretrain.is_multi_process_env({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert pretrain.is_multi_process_env({"OMPI_COMM_WORLD_SIZE": "4"})
+    assert pretrain.is_multi_process_env({"TPU_WORKER_HOSTNAMES": "a,b"})
+    assert not pretrain.maybe_initialize_distributed({})
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) resume after SIGKILL
+
+
+_CHILD = textwrap.dedent("""
+    import dataclasses, os, signal, sys, time
+    from pathlib import Path
+    from jaxtok.train import configs, pretrain
+
+    run_dir, kill_at, committed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    config = configs.apply_overrides(configs.tiny(), sys.argv[4:])
+    config = dataclasses.replace(config, run_dir=run_dir)
+
+    def kill(step, state, metrics):
+        if step == kill_at:
+            while not (Path(run_dir) / "checkpoints" / str(committed)).exists():
+                time.sleep(0.01)  # the rename that commits the checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    pretrain.run(config, callbacks=[kill])
+""")
+
+
+def _child_env(cache_dir) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    overrides = ["steps=10", "checkpoint_every=4", "eval_every=0", "progress=false"]
+    env = _child_env(tmp_path / "xla-cache")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+
+    done = subprocess.run([sys.executable, "-m", "jaxtok.train.pretrain", "--config", "tiny", "--run-dir", str(full),
+                           "--set", *overrides], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(f"run dir: {full}") == 2
+
+    killed = subprocess.run([sys.executable, "-c", _CHILD, str(cut), "6", "4", *overrides], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert max(r["step"] for r in read_metrics(cut / "metrics.jsonl")) == 6
+
+    resumed = subprocess.run([sys.executable, "-m", "jaxtok.train.pretrain", "--config", "tiny", "--run-dir", str(cut),
+                              "--resume", "--set", *overrides], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 4" in resumed.stdout
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"}
+
+    want, got = losses(full), losses(cut)
+    assert sorted(got) == list(range(1, 11)) == sorted(want)
+    np.testing.assert_allclose([got[s] for s in range(5, 11)], [want[s] for s in range(5, 11)], rtol=1e-6, atol=0)
+    assert (cut / "loss.png").stat().st_size > 0 and any((cut / "tensorboard").iterdir())
+    saved = json.loads((cut / "checkpoints" / "10" / "config" / "metadata").read_text())
+    assert saved["model"] == "llama-tiny"
+
+
+# ---------------------------------------------------------------------------------------------
+# continued pretraining of a real model
+
+
+@pytest.mark.slow
+def test_smollm2_continue_starts_from_the_pretrained_weights(smollm2):
+    from jaxtok.data import pack_documents
+    from jaxtok.objectives import token_nll
+
+    config = apply_overrides(configs.get_config("smollm2-continue"), ["data.seq_len=64", "data.global_batch=2"])
+    task, params, model_config = pretrain.build_task(config, smollm2.tokenizer.hf, smollm2)
+    assert model_config.vocab_size == 49152 and params is smollm2.params
+    trainer = Trainer(task, config.optimizer, make_mesh(None, jax.devices()[:1]), total_steps=config.steps)
+    state = trainer.init_state(jax.random.key(0), params=params)
+    text = open(pretrain.__file__, encoding="utf-8").read()
+    hf = smollm2.tokenizer.hf
+    batch = {k: v[:2] for k, v in pack_documents([text], hf, 64, bos_id=hf.token_to_id(configs.BOS)).items()}
+    state, metrics = trainer.train_step(state, trainer.device_batch(batch))
+
+    logits = llama.Llama(smollm2.config).apply({"params": smollm2.params}, batch["tokens"],
+                                              positions=batch["positions"], segment_ids=batch["segment_ids"]).logits
+    mask = batch["loss_mask"]
+    direct = float((token_nll(logits, batch["targets"]) * mask).sum() / mask.sum())
+    np.testing.assert_allclose(float(metrics["loss"]), direct, rtol=1e-4)
+    # a uniform guess over 49152 tokens costs ln(49152) = 10.8 nats
+    assert direct < 7.0 and np.isfinite(float(metrics["grad_norm"]))

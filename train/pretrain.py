@@ -1,0 +1,291 @@
+"""The pretraining job: an experiment config in, a trained run directory out.
+
+    jaxtok pretrain                                        # the `default` config (~5 min on CPU)
+    jaxtok pretrain --config tiny --set steps=50 optimizer.lr=1e-3
+    jaxtok pretrain --config tiny --mesh data=2,fsdp=2,tensor=2 --run-dir runs/x --resume
+    python -m jaxtok.train.pretrain --config tokenformer-tiny
+
+The run directory gets ``tokenizer.json``, ``checkpoints/``, ``metrics.jsonl``, TensorBoard
+events and ``loss.png``. On several hosts (``JAX_COORDINATOR_ADDRESS``, SLURM, Open MPI or
+Cloud TPU variables) ``jax.distributed.initialize()`` runs first and each host reads its own
+share of every batch; the run directory must then be on a file system all hosts share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from jaxtok.data import load_documents, make_eval_batches, make_train_iterator
+from jaxtok.sharding import make_mesh
+
+from . import configs
+from .checkpoint import Checkpointer
+from .observe import METRICS_FILE, PLOT_FILE, RunObserver, plot_metrics
+from .trainer import LoopConfig, StepCallback, Trainer, TrainState, TrainTask, fit, lm_task
+
+TOKENIZER_FILE = "tokenizer.json"
+CHECKPOINT_DIR = "checkpoints"
+# Config fields that may change between a run and its resumption without a warning.
+# (a checkpoint restores onto any mesh, so the mesh is one of them)
+_RESUMABLE_CHANGES = frozenset({"steps", "run_dir", "mesh", "progress", "eval_every", "eval_batches",
+                                "checkpoint_every", "keep"})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What :func:`run` returns: the run directory, the final state and a summary
+    (steps, wall_s, first_loss, last_loss, tokens_per_s)."""
+
+    run_dir: Path
+    state: TrainState
+    summary: dict[str, float]
+
+
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-host
+
+
+def is_multi_process_env(environ: Mapping[str, str]) -> bool:
+    """Whether the environment describes a job of several processes."""
+    if environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    for var in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if environ.get(var, "").isdigit() and int(environ[var]) > 1:
+            return True
+    hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
+    return len([h for h in hosts.split(",") if h.strip()]) > 1
+
+
+def maybe_initialize_distributed(environ: Mapping[str, str] | None = None) -> bool:
+    """Calls ``jax.distributed.initialize()`` when the environment says this is one process of
+    many (JAX reads the coordinator and cluster details itself). Returns whether it did."""
+    environ = os.environ if environ is None else environ
+    if not is_multi_process_env(environ):
+        return False
+    is_initialized = getattr(jax.distributed, "is_initialized", lambda: False)
+    if not is_initialized():
+        kwargs = {}
+        if environ.get("JAX_NUM_PROCESSES", "").isdigit():
+            kwargs["num_processes"] = int(environ["JAX_NUM_PROCESSES"])
+        if environ.get("JAX_PROCESS_ID", "").isdigit():
+            kwargs["process_id"] = int(environ["JAX_PROCESS_ID"])
+        jax.distributed.initialize(**kwargs)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and model
+
+
+def train_bpe(documents, vocab_size: int, special_tokens: Sequence[str] = (configs.BOS,)) -> Tokenizer:
+    """A GPT-2 style byte-level BPE trained on ``documents`` (all 256 bytes always in it)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(documents, trainer)
+    return tokenizer
+
+
+def _new_tokenizer(config: configs.ExperimentConfig, pretrained: Any) -> Tokenizer:
+    if config.tokenizer == "pretrained":
+        return pretrained.tokenizer.hf
+    if config.tokenizer == "bpe":
+        data = dataclasses.replace(config.data, max_documents=config.tokenizer_documents)
+        return train_bpe(load_documents(data, "train"), config.tokenizer_vocab)
+    path = Path(config.tokenizer)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist (tokenizer= takes 'bpe', "
+                                "'pretrained' or a tokenizer.json path)")
+    return Tokenizer.from_file(str(path))
+
+
+def prepare_tokenizer(config: configs.ExperimentConfig, run_dir: Path, pretrained: Any = None) -> Tokenizer:
+    """The run's tokenizer: ``run_dir/tokenizer.json`` if present (a resumed run keeps its
+    vocabulary), else made as the config says and written there by process 0."""
+    path = run_dir / TOKENIZER_FILE
+    if not path.exists():
+        if jax.process_index() == 0:
+            tokenizer = _new_tokenizer(config, pretrained)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tokenizer.save(str(tmp))
+            os.replace(tmp, path)  # never a half-written tokenizer.json
+        _barrier("jaxtok-tokenizer")
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def model_vocab_size(tokenizer: Tokenizer, multiple: int = 128) -> int:
+    """The tokenizer's vocabulary rounded up, so the vocab axis splits evenly on a mesh."""
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    return -(-size // multiple) * multiple
+
+
+def build_task(config: configs.ExperimentConfig, tokenizer: Tokenizer, pretrained: Any = None
+               ) -> tuple[TrainTask, Any, Any]:
+    """``(task, initial params or None, model config)`` for the config's model family."""
+    family = configs.model_family(config.model)
+    if pretrained is not None:
+        model_config = config.model_config(vocab_size=None, base=pretrained.config)
+        needed = tokenizer.get_vocab_size(with_added_tokens=True)
+        if needed > model_config.vocab_size:
+            raise ValueError(f"the tokenizer has {needed} tokens but {config.pretrained} has only "
+                             f"{model_config.vocab_size}")
+        params = pretrained.params
+    else:
+        model_config = config.model_config(vocab_size=model_vocab_size(tokenizer))
+        params = None
+    return lm_task(family.module_cls(model_config)), params, model_config
+
+
+def _load_pretrained(config: configs.ExperimentConfig) -> Any:
+    if config.pretrained is None:
+        return None
+    from jaxtok.models.registry import load_pretrained_lm
+
+    return load_pretrained_lm(config.pretrained, dtype=config.dtype, param_dtype=config.param_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ between a checkpoint's config and the current one."""
+    old, new = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
+
+
+def restore_or_init(trainer: Trainer, checkpointer: Checkpointer, config: configs.ExperimentConfig, data: Any,
+                    *, resume: bool, params: Any = None) -> TrainState:
+    """The latest good checkpoint (with ``resume``; the data iterator is set to continue
+    where it stopped) or a fresh state. Refuses to start afresh over existing checkpoints."""
+    latest = checkpointer.latest_step()
+    if latest is not None and not resume:
+        raise ValueError(f"{checkpointer.directory} already holds checkpoints (latest step {latest}); "
+                         "pass --resume to continue that run, or choose another --run-dir")
+    if resume:
+        restored = checkpointer.restore_latest(trainer.abstract_state)
+        if restored is not None:
+            changes = config_changes(restored.config, configs.to_json(config))
+            if changes:
+                _say("warning: the config differs from the checkpoint's: " + "; ".join(changes))
+            if restored.data_state is not None and hasattr(data, "set_state"):
+                data.set_state(restored.data_state)
+            _say(f"resumed from step {restored.step} ({checkpointer.directory})")
+            return restored.state
+        _say(f"no usable checkpoint in {checkpointer.directory}; starting from step 0")
+    return trainer.init_state(jax.random.key(config.seed), params=params)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def run(config: configs.ExperimentConfig, *, resume: bool = False, devices: Sequence[Any] | None = None,
+        callbacks: Sequence[StepCallback] = ()) -> RunResult:
+    """Trains ``config`` in ``config.run_dir`` (see the module docstring)."""
+    maybe_initialize_distributed()
+    run_dir = Path(config.run_dir).absolute()
+    _say(f"run dir: {run_dir}")
+    mesh = make_mesh(config.mesh or None, devices)  # a mesh that does not fit fails before any work
+    pretrained = _load_pretrained(config)
+    tokenizer = prepare_tokenizer(config, run_dir, pretrained)
+    task, params, model_config = build_task(config, tokenizer, pretrained)
+    trainer = Trainer(task, config.optimizer, mesh, total_steps=config.steps, seed=config.seed)
+    data = make_train_iterator(config.data, tokenizer)
+    eval_batches = make_eval_batches(config.data, tokenizer)[: config.eval_batches] if config.eval_every else []
+    _say(f"model {config.model} ({type(model_config).__name__}, vocab {model_config.vocab_size}), "
+         f"mesh {dict(mesh.shape)}, {len(eval_batches)} eval batches")
+    loop = LoopConfig(steps=config.steps, eval_every=config.eval_every, checkpoint_every=config.checkpoint_every)
+    with Checkpointer(run_dir / CHECKPOINT_DIR, keep=config.keep, config=configs.to_json(config)) as checkpointer:
+        state = restore_or_init(trainer, checkpointer, config, data, resume=resume, params=params)
+        tokens_per_step = config.data.global_batch * config.data.seq_len
+        try:
+            with RunObserver(run_dir, total_steps=config.steps, start_step=int(jax.device_get(state.step)),
+                             tokens_per_step=tokens_per_step, progress=config.progress) as observer:
+                state = fit(trainer, state, data, loop, eval_batches=eval_batches, checkpointer=checkpointer,
+                            observer=observer, callbacks=callbacks)
+                summary = observer.summary()
+        finally:
+            if jax.process_index() == 0:
+                plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE)  # also for a run that diverged
+    _say(_summary_line(summary))
+    _say(f"run dir: {run_dir}")
+    return RunResult(run_dir=run_dir, state=state, summary=summary)
+
+
+def enable_compilation_cache(directory: str | Path | None = None) -> None:
+    """Keeps compiled programs on disk, so a resumed or repeated run skips most compilation;
+    leaves a cache the user configured (``JAX_COMPILATION_CACHE_DIR``) alone."""
+    if jax.config.jax_compilation_cache_dir:
+        return
+    from jaxtok.io.cache import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(directory or cache_dir() / "xla"))
+
+
+def _summary_line(summary: Mapping[str, float]) -> str:
+    parts = [f"{int(summary['steps'])} steps in {summary['wall_s']:.0f}s"]
+    if "first_loss" in summary:
+        parts.append(f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} (last 10 steps)")
+    if "tokens_per_s" in summary:
+        parts.append(f"{summary['tokens_per_s']:,.0f} tokens/s")
+    return "done: " + ", ".join(parts)
+
+
+def config_from_args(name: str, overrides: Sequence[str] = (), *, mesh: str | None = None,
+                     run_dir: str | None = None) -> configs.ExperimentConfig:
+    """The preset ``name`` with ``--set`` overrides, then ``--mesh`` and ``--run-dir``."""
+    config = configs.apply_overrides(configs.get_config(name), overrides)
+    extra = {}
+    if mesh is not None:
+        extra["mesh"] = mesh
+    if run_dir is not None:
+        extra["run_dir"] = run_dir
+    return dataclasses.replace(config, **extra) if extra else config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m jaxtok.train.pretrain ARGS`` = ``jaxtok pretrain ARGS``."""
+    from jaxtok.cli import main as cli_main
+
+    return cli_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
