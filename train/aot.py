@@ -74,8 +74,8 @@ def compile_train_step(model: str, devices: list[Any], mesh: str, batch: int, se
                     for name in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
     batch_struct["num_bytes"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
     # some lowerings ask for the default device: make it one of the target's
-    with jax.default_device(devices[0]), jax.set_mesh(mesh_obj):
-        compiled = trainer._train_step.lower(trainer.abstract_state, batch_struct).compile()
+    with jax.default_device(devices[0]):
+        compiled = trainer.lower_train_step(batch_struct).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     num_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))

@@ -354,6 +354,12 @@ class Trainer:
 
     # -- steps -----------------------------------------------------------------------------
 
+    def lower_train_step(self, batch: Any) -> Any:
+        """The step lowered for abstract inputs (``ShapeDtypeStruct`` batch): ahead-of-time
+        compilation for hardware this host does not have (``jaxtok.train.aot``)."""
+        with jax.set_mesh(self.mesh):
+            return self._train_step.lower(self.abstract_state, batch)
+
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         """One update; ``state`` is donated (do not use it afterwards)."""
         with jax.set_mesh(self.mesh):
