@@ -96,7 +96,8 @@ def cmd_quickstart(args) -> int:
 def cmd_pretrain(args) -> int:
     from jaxtok.train import pretrain
 
-    config = pretrain.config_from_args(args.config, args.set, mesh=args.mesh, run_dir=args.run_dir)
+    config = pretrain.config_from_args(args.config, args.set, mesh=args.mesh, run_dir=args.run_dir,
+                                       resume=args.resume)
     pretrain.enable_compilation_cache()
     pretrain.run(config, resume=args.resume)
     return 0
@@ -109,8 +110,9 @@ def cmd_grow(args) -> int:
 
 
 def _add_pretrain_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="default",
-                        help="experiment preset: default, tiny, tokenformer-tiny, smollm2-continue")
+    parser.add_argument("--config", default=None,
+                        help="experiment preset: default, tiny, tokenformer-tiny, smollm2-continue "
+                             "(default: 'default', or with --resume the config saved in the run dir)")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config fields, e.g. steps=50 optimizer.lr=1e-3 model.d_model=128")
     parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=2,tensor=2")

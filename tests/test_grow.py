@@ -103,6 +103,9 @@ def test_random_growth_changes_the_function_and_gives_a_resume_command(base, eva
     assert config_args[:2] == ["--config", "tokenformer-tiny"]
     rebuilt = pretrain.config_from_args("tokenformer-tiny", config_args[3:], run_dir=str(grown.run_dir))
     assert configs.to_json(rebuilt) == configs.to_json(grown.config)
+    # with no --config, a resumed run takes the config saved in its checkpoint
+    from_checkpoint = pretrain.config_from_args(None, [], run_dir=str(grown.run_dir), resume=True)
+    assert configs.to_json(from_checkpoint) == configs.to_json(grown.config)
     assert "--resume" in (grown.run_dir / grow.GROW_FILE).read_text()
 
 

@@ -268,10 +268,25 @@ def _summary_line(summary: Mapping[str, float]) -> str:
     return "done: " + ", ".join(parts)
 
 
-def config_from_args(name: str, overrides: Sequence[str] = (), *, mesh: str | None = None,
-                     run_dir: str | None = None) -> configs.ExperimentConfig:
-    """The preset ``name`` with ``--set`` overrides, then ``--mesh`` and ``--run-dir``."""
-    config = configs.apply_overrides(configs.get_config(name), overrides)
+def config_from_args(name: str | None, overrides: Sequence[str] = (), *, mesh: str | None = None,
+                     run_dir: str | None = None, resume: bool = False) -> configs.ExperimentConfig:
+    """The preset ``name`` with ``--set`` overrides, then ``--mesh`` and ``--run-dir``.
+
+    With no ``name`` a resumed run takes the config saved in its newest readable checkpoint (so
+    ``jaxtok pretrain --run-dir DIR --resume`` continues exactly what DIR was training), and a new
+    run takes the ``default`` preset.
+    """
+    base = None
+    if name is None and resume:
+        directory = Path(run_dir or configs.get_config("default").run_dir) / CHECKPOINT_DIR
+        if directory.is_dir():
+            from jaxtok.train.grow import saved_config
+
+            step, base = saved_config(directory)
+            _say(f"config from the checkpoint at step {step} in {directory}")
+    if base is None:
+        base = configs.get_config(name or "default")
+    config = configs.apply_overrides(base, overrides)
     extra = {}
     if mesh is not None:
         extra["mesh"] = mesh
