@@ -71,9 +71,11 @@ def test_greedy_continuation_matches_reference(smollm2, smollm2_reference):
                     pad_id=tok.pad_id)
     for ids, got in zip(prompts, ours):
         seq = list(ids)
-        with torch.no_grad():  # plain greedy loop on the reference, full forward each step
+        with torch.no_grad():  # plain greedy loop on the reference with its own KV cache
+            out = ref_model(torch.tensor([seq]), use_cache=True)
             for _ in range(32):
-                seq.append(int(ref_model(torch.tensor([seq])).logits[0, -1].argmax()))
+                seq.append(int(out.logits[0, -1].argmax()))
+                out = ref_model(torch.tensor([seq[-1:]]), past_key_values=out.past_key_values, use_cache=True)
         assert got == seq[len(ids):]
 
 
