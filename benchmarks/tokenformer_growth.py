@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import jax
+
 from jaxtok.train import configs, grow, pretrain
 from jaxtok.train.observe import METRICS_FILE, read_metrics
 
