@@ -15,6 +15,12 @@ table shows medians (and the best run, which load from other processes disturbs 
 * forward: the prompt through the model without a cache, logits at every position; the float32
   logit difference between the two frameworks is taken on this output.
 
+Threads: torch.set_num_threads(n) with n the usable cores, the size of XLA:CPU's pool. Torch's
+OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE`` unless set; ``--torch-omp-wait``): on a
+shared machine spinning threads wait on a descheduled partner at every op, which slowed torch's
+decoding here ~11-13x and would show a false win. Passive is not free: at load ~1.5 it cost
+torch ~10% in decoding and up to ~30% in bf16 prefill here (``--torch-omp-wait active`` to compare).
+
 bfloat16: for jaxtok, parameters stored in bf16 and compute in bf16 with float32 accumulation; for
 torch, ``model.to(torch.bfloat16)``. The last line is machine-readable (speedup = torch / jaxtok):
 ``RESULT prefill_speedup=… decode_speedup=… prefill_speedup_bf16=… decode_speedup_bf16=… max_logit_diff=…``
@@ -164,6 +170,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16")
     p.add_argument("--torch-cache", choices=("dynamic", "static"), default="static",
                    help="transformers KV cache for generate (static: cache_implementation='static')")
+    p.add_argument("--torch-omp-wait", choices=("passive", "active", "default"),
+                   default=os.environ.get("OMP_WAIT_POLICY", "passive").lower(),
+                   help="OMP_WAIT_POLICY for torch's OpenMP threads (default: $OMP_WAIT_POLICY, else passive; "
+                        "'default' leaves the environment alone)")
     args = p.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or not set(dtypes) <= {"float32", "bfloat16"}:
@@ -171,14 +181,16 @@ def main(argv=None) -> int:
     if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1:
         p.error("need --new-tokens >= 2, --prompt-len >= 1, --repeats >= 1")
 
+    if args.torch_omp_wait != "default":
+        os.environ["OMP_WAIT_POLICY"] = args.torch_omp_wait.upper()  # read by libgomp when torch loads
     import torch
     import transformers
 
     threads = len(os.sched_getaffinity(0))  # XLA:CPU sizes its thread pool to the usable cores
     torch.set_num_threads(threads)
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; threads: jax {threads}, torch {torch.get_num_threads()}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"transformers {transformers.__version__}; threads: jax {threads}, torch {torch.get_num_threads()} "
+          f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}); load average {os.getloadavg()[0]:.1f}")
 
     loaded = load_pretrained_lm("smollm2-135m")
     ids = prompt_ids(loaded.tokenizer, args.prompt_len)
