@@ -109,6 +109,28 @@ class LMOutput:
     cache: KVCache | None = None
 
 
+def prepare_inputs(table, tokens, embeds, positions, cache, dtype):
+    """Shared start of every decoder call: input vectors (looked up in ``table`` or given as
+    ``embeds``), default positions (continuing after the cache), and the cache's key positions
+    with this call's written in. Returns (x, positions, cache_positions, layer_caches)."""
+    if embeds is None:
+        if tokens is None:
+            raise ValueError("pass tokens or embeds")
+        x = jnp.take(table, tokens, axis=0).astype(dtype)
+    else:
+        x = embeds.astype(dtype)
+    b, t = x.shape[:2]
+    x = constrain(x, ("batch", "length", "embed"))
+    if positions is None:
+        start = 0 if cache is None else cache.end
+        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    if cache is None:
+        return x, positions, None, None
+    cache_positions = jax.lax.dynamic_update_slice_in_dim(
+        cache.positions, positions.astype(jnp.int32), cache.end, axis=1)
+    return x, positions, cache_positions, (cache.k, cache.v)
+
+
 class Block(nn.Module):
     config: LlamaConfig
 
@@ -203,24 +225,10 @@ class Llama(nn.Module):
         generation needs after a prefill (the output layer is ~20% of a 512-token prefill)."""
         cfg = self.config
         dt = cfg.compute_dtype
-        if embeds is None:
-            if tokens is None:
-                raise ValueError("pass tokens or embeds")
-            table = self.embedding if input_embeddings is None else input_embeddings
-            x = jnp.take(table, tokens, axis=0).astype(dt)
-        else:
-            x = embeds.astype(dt)
-        b, t = x.shape[:2]
-        x = constrain(x, ("batch", "length", "embed"))
-        if positions is None:
-            start = 0 if cache is None else cache.end
-            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        if cache is not None:
-            cache_positions = jax.lax.dynamic_update_slice_in_dim(
-                cache.positions, positions.astype(jnp.int32), cache.end, axis=1)
-            layer_caches = (cache.k, cache.v)
-        else:
-            cache_positions, layer_caches = None, None
+        x, positions, cache_positions, layer_caches = prepare_inputs(
+            self.embedding if input_embeddings is None else input_embeddings, tokens, embeds, positions,
+            cache, dt)
+        t = x.shape[1]
         end = None if cache is None else cache.end
         x, new_layer_caches = self.blocks(x, layer_caches, positions, segment_ids, cache_positions, end)
         x = self.final_norm(x)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxtok.models.llama import KVCache, LMOutput
+from jaxtok.models.llama import KVCache, LMOutput, prepare_inputs
 from jaxtok.nn import attention as attn
 from jaxtok.nn.layers import LayerNorm, matmul, rotary_embedding
 from jaxtok.nn.pattention import NORMALIZATIONS, Pattention, default_tau
@@ -283,24 +283,10 @@ class TokenFormer(nn.Module):
     ) -> LMOutput:
         cfg = self.config
         dt = cfg.compute_dtype
-        if embeds is None:
-            if tokens is None:
-                raise ValueError("pass tokens or embeds")
-            table = self.embedding if input_embeddings is None else input_embeddings
-            x = jnp.take(table, tokens, axis=0).astype(dt)
-        else:
-            x = embeds.astype(dt)
-        b, t = x.shape[:2]
-        x = constrain(x, ("batch", "length", "embed"))
-        if positions is None:
-            start = 0 if cache is None else cache.end
-            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        if cache is not None:
-            cache_positions = jax.lax.dynamic_update_slice_in_dim(
-                cache.positions, positions.astype(jnp.int32), cache.end, axis=1)
-            layer_caches = (cache.k, cache.v)
-        else:
-            cache_positions, layer_caches = None, None
+        x, positions, cache_positions, layer_caches = prepare_inputs(
+            self.embedding if input_embeddings is None else input_embeddings, tokens, embeds, positions,
+            cache, dt)
+        t = x.shape[1]
         end = None if cache is None else cache.end
         x, new_layer_caches = self.blocks(x, layer_caches, positions, segment_ids,
                                           cache_positions, end)
