@@ -80,6 +80,25 @@ def _check_row_layout(rows):
             np.testing.assert_array_equal(pos[r][seg[r] == s], np.arange((pieces == s).sum()))
 
 
+def _check_documents(rows, doc_of_token):
+    """Segments follow documents: each document's tokens are contiguous (row-major) and, within
+    a row, one segment whose positions run 0, 1, 2 ...; a new document (or a new row) starts the
+    next segment id."""
+    seg, pos = rows["segment_ids"], rows["positions"]
+    doc = np.full(seg.shape, -1)
+    doc[seg > 0] = doc_of_token
+    flat = doc.reshape(-1)
+    for d in np.unique(doc_of_token):
+        where = np.flatnonzero(flat == d)
+        assert where[-1] - where[0] + 1 == len(where), f"document {d} is not contiguous"
+    for r in range(len(seg)):
+        n = int((seg[r] > 0).sum())
+        starts = np.r_[True, doc[r, 1:n] != doc[r, :n - 1]]  # where a document (piece) begins
+        np.testing.assert_array_equal(seg[r, :n], np.cumsum(starts), err_msg=f"row {r}: one segment per document")
+        piece_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+        np.testing.assert_array_equal(pos[r, :n], np.arange(n) - piece_start, err_msg=f"row {r}: positions")
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     docs=st.lists(st.text(ALPHABET, min_size=0, max_size=30), min_size=1, max_size=8),
@@ -110,6 +129,7 @@ def test_packing_invariants(tokenizer, docs, seq_len, bos, eos):
     # A document that fits in a row is not split.
     doc_of_token = np.repeat(np.arange(len(expected)), [len(ids) for ids, _ in expected])
     row_of_token = np.nonzero(valid)[0]
+    _check_documents(rows, doc_of_token)
     for d, (ids, _) in enumerate(expected):
         if len(ids) <= seq_len:
             assert len(set(row_of_token[doc_of_token == d])) == 1
@@ -141,6 +161,48 @@ def test_padding_tokenizer_is_not_padded(tokenizer):
     got = packing.pack_documents(docs, padded, 8)
     _assert_batches_equal([got], [want])
     assert padded.padding is not None  # the caller's tokenizer is untouched
+
+
+def test_packing_layout_by_hand():
+    # documents of 3, 2, 6 and 1 tokens into rows of 4: B does not fit after A (1 slot left) and
+    # goes to the next row; C is longer than a row, so it starts right after B and runs on
+    docs = [([1, 2, 3], [1, 2, 3]), ([4, 5], [4, 1]), ([6, 7, 8, 9, 10, 11], [1, 1, 2, 3, 4, 1]), ([12], [2])]
+    rows = packing.pack_encoded([(np.array(ids), np.array(nb)) for ids, nb in docs], seq_len=4)
+    np.testing.assert_array_equal(rows["tokens"], [[1, 2, 3, 0], [4, 5, 6, 7], [8, 9, 10, 11], [12, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["targets"], [[2, 3, 0, 0], [5, 0, 7, 8], [9, 10, 11, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 1, 0], [1, 1, 2, 2], [1, 1, 1, 1], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["positions"], [[0, 1, 2, 0], [0, 1, 0, 1], [0, 1, 2, 3], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["loss_mask"], [[1, 1, 0, 0], [1, 0, 1, 1], [1, 1, 1, 0], [0, 0, 0, 0]])
+    # bytes of each row's scored targets: 2 + 3 | 1 (B's 5) + 1 + 2 (C's 7, 8) | 3 + 4 + 1 | none
+    np.testing.assert_array_equal(rows["num_bytes"], [5, 4, 8, 0])
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer() -> Tokenizer:
+    """One token per character, so every token's UTF-8 size is known by hand."""
+    vocab = {"<bos>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate("abé€😀 ")}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return tok
+
+
+def test_num_bytes_are_utf8_bytes_by_hand(char_tokenizer, tmp_path):
+    # "aé€": bytes 1 + 2 + 3 = 6 (3 characters); "😀b": 4 + 1 = 5 (2 characters)
+    docs = ["aé€", "😀b"]
+    a, e, euro, smile, b = (char_tokenizer.token_to_id(c) for c in "aé€😀b")
+    rows = packing.pack_documents(docs, char_tokenizer, 4, bos_id=0)
+    np.testing.assert_array_equal(rows["tokens"], [[0, a, e, euro], [0, smile, b, 0]])
+    np.testing.assert_array_equal(rows["loss_mask"], [[1, 1, 1, 0], [1, 1, 0, 0]])
+    np.testing.assert_array_equal(rows["num_bytes"], [6, 5])  # characters would give [3, 2]
+    # without a BOS the first character of each document is context only: é + € | b
+    np.testing.assert_array_equal(packing.pack_documents(docs, char_tokenizer, 4)["num_bytes"], [5, 1])
+    # the same through the pipeline, from a JSONL file
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    config = data.DataConfig(source="jsonl", paths=str(path), validation_fraction=0.0, seq_len=4,
+                             global_batch=2, bos_token="<bos>")
+    packed = data.pack_split(config, char_tokenizer, "train")
+    np.testing.assert_array_equal(packed["num_bytes"], [6, 5])
 
 
 def test_long_document_continues_with_new_segment():

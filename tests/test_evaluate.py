@@ -14,7 +14,10 @@ from jaxtok.evaluate import evaluate_bpb, sliding_windows
 from jaxtok.objectives import token_nll
 from jaxtok.tokenization import TextTokenizer
 
-TEXT = "héllo wörld, a small text to score. " * 12
+# Counted by hand, characters / UTF-8 bytes:  h é l l o -> 5 / 6,  " " -> 1 / 1,  w ö r l d , -> 6 / 7,
+# " " -> 1 / 1,  日 本 語 -> 3 / 9,  " " -> 1 / 1,  😀 -> 1 / 4,  ". " -> 2 / 2: 20 characters, 31 bytes.
+PHRASE = "héllo wörld, 日本語 😀. "
+TEXT = PHRASE * 12  # 240 characters, 372 bytes
 
 
 @settings(deadline=None, max_examples=200)
@@ -47,6 +50,24 @@ def test_uniform_model_has_known_bpb():
     assert result.tokens == 40 and result.bytes == 40
     assert result.bpb == pytest.approx(8.0)
     assert result.nats == pytest.approx(40 * math.log(256), rel=1e-6)
+
+
+def test_bpb_divides_by_utf8_bytes_not_characters():
+    # the byte tokenizer gives one token per character (those above U+00FF are its unknown id 0)
+    tok = byte_tokenizer(doc_start=True)
+    for window, stride in [(1024, 512), (64, 24)]:  # one window, and overlapping ones
+        result = evaluate_bpb(uniform_apply, None, tok, TEXT, window=window, stride=stride, progress=False)
+        assert result.tokens == 240 and result.bytes == 372
+        assert result.bpb == pytest.approx(8.0 * 240 / 372)  # 8 bits per scored character
+        assert result.nats == pytest.approx(240 * math.log(256), rel=1e-6)
+
+
+def test_without_doc_start_the_first_characters_bytes_are_not_counted():
+    # "日本 😀": 4 characters, 3 + 3 + 1 + 4 = 11 bytes; the first (日, 3 bytes) is only context
+    tok = byte_tokenizer(doc_start=False)
+    result = evaluate_bpb(uniform_apply, None, tok, "日本 😀", window=4, progress=False)
+    assert result.tokens == 3 and result.bytes == 8
+    assert result.bpb == pytest.approx(8.0 * 3 / 8)
 
 
 def test_without_doc_start_first_token_is_not_counted():

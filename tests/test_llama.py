@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tolerance import assert_close_at_scale, reduction_rtol
 from flax import linen as nn
 
 from jaxtok.models.llama import PRESETS, KVCache, Llama, LlamaConfig, init_params
@@ -126,3 +127,92 @@ def test_smollm2_preset_size():
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError):
         LlamaConfig(**{**dataclasses.asdict(CFG), **bad})
+
+
+# ---------------------------------------------------------------------------------------------
+# against transformers: an outside anchor for what the tests above only compare with itself
+# (a rotary sign flip or a norm without eps keeps prefix, cache and packing consistent)
+
+# rms_eps 1e-2 is large next to mean(x^2) of the residual stream here (~1e-2 after the 0.1-scale
+# embedding), so a norm that drops it is visibly off; 0.1-scale weights make attention peaked
+# enough that the rotary angles matter.
+REF_CFG = LlamaConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128,
+                      rope_theta=10_000.0, rms_eps=1e-2, max_seq_len=512)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    """torch and transformers; skips without the [ref] extra."""
+    return pytest.importorskip("torch"), pytest.importorskip("transformers")
+
+
+def hf_llama(torch, transformers, cfg: LlamaConfig, seed: int = 0):
+    """A random transformers LlamaForCausalLM of ``cfg``'s shape, float32, norm scales not 1."""
+    config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_eps, max_position_embeddings=cfg.max_seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_embeddings, initializer_range=0.1, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # a swapped or missing norm scale must show
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def params_from_hf(state_dict, cfg: LlamaConfig) -> dict:
+    """transformers' Llama state dict -> jaxtok's tree: Linear weights are (out, in), so each is
+    transposed and its head dims split out; per-layer tensors are stacked on a leading
+    ``layers`` axis (nn.scan). The rotary layout is the same (half-split, ``rotate_half``)."""
+    w = {k: v.detach().numpy().astype(np.float32) for k, v in state_dict.items()}
+    d, hd = cfg.d_model, cfg.head_dim
+
+    def stacked(name, to_jaxtok):
+        return np.stack([to_jaxtok(w[f"model.layers.{i}.{name}"]) for i in range(cfg.n_layers)])
+
+    def heads(n):
+        return lambda m: m.T.reshape(d, n, hd)  # (n*hd, d) -> (d, n, hd)
+
+    blocks = {
+        "q": {"kernel": stacked("self_attn.q_proj.weight", heads(cfg.n_heads))},
+        "k": {"kernel": stacked("self_attn.k_proj.weight", heads(cfg.n_kv_heads))},
+        "v": {"kernel": stacked("self_attn.v_proj.weight", heads(cfg.n_kv_heads))},
+        "o": {"kernel": stacked("self_attn.o_proj.weight", lambda m: m.T.reshape(cfg.n_heads, hd, d))},
+        "gate": {"kernel": stacked("mlp.gate_proj.weight", np.transpose)},
+        "up": {"kernel": stacked("mlp.up_proj.weight", np.transpose)},
+        "down": {"kernel": stacked("mlp.down_proj.weight", np.transpose)},
+        "attn_norm": {"scale": stacked("input_layernorm.weight", np.asarray)},
+        "mlp_norm": {"scale": stacked("post_attention_layernorm.weight", np.asarray)},
+    }
+    params = {"embedding": w["model.embed_tokens.weight"], "blocks": blocks,
+              "final_norm": {"scale": w["model.norm.weight"]}}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = w["lm_head.weight"]
+    return params
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_tiny_llama_matches_transformers(hf, tied):
+    torch, transformers = hf
+    cfg = dataclasses.replace(REF_CFG, tie_embeddings=tied)
+    model = hf_llama(torch, transformers, cfg)
+    params = jax.tree.map(jnp.asarray, params_from_hf(model.state_dict(), cfg))
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        params, jax.eval_shape(lambda: nn.unbox(init_params(cfg, jax.random.key(0)))))
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        want = model(torch.as_tensor(tokens)).logits.numpy()
+    apply = jax.jit(lambda p, t, cache=None: Llama(cfg).apply({"params": p}, t, cache=cache))
+    got = apply(params, jnp.asarray(tokens)).logits
+    # sums of up to d_ff = 128 terms chained through 2 layers, in another order (torch vs XLA)
+    rtol = reduction_rtol(cfg.d_ff * cfg.n_layers)
+    assert_close_at_scale(got, want, rtol=rtol, err_msg="logits")
+    # prefill 11 tokens, then one decode step through the KV cache at position 11
+    prefill = apply(params, jnp.asarray(tokens[:, :11]), KVCache.create(cfg, 2, 16))
+    step = apply(params, jnp.asarray(tokens[:, 11:]), prefill.cache)
+    assert_close_at_scale(prefill.logits, want[:, :11], rtol=rtol, err_msg="prefill logits")
+    assert_close_at_scale(step.logits, want[:, 11:], rtol=rtol, err_msg="decode logits")
