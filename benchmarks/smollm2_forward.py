@@ -22,8 +22,22 @@ decoding here ~11-13x and would show a false win. Passive is not free: at load ~
 torch ~10% in decoding and up to ~30% in bf16 prefill here (``--torch-omp-wait active`` to compare).
 
 bfloat16: for jaxtok, parameters stored in bf16 and compute in bf16 with float32 accumulation; for
-torch, ``model.to(torch.bfloat16)``. The last line is machine-readable (speedup = torch / jaxtok):
-``RESULT prefill_speedup=… decode_speedup=… prefill_speedup_bf16=… decode_speedup_bf16=… max_logit_diff=…``
+torch, ``model.to(torch.bfloat16)``.
+
+Layer loops: ``--prefill-loop`` / ``--decode-loop`` are ``generate``'s (defaults: its
+``PREFILL_LAYER_LOOP`` / ``DECODE_LAYER_LOOP``); ``--compare-loops`` adds a jaxtok-only table of
+prefill and per-step decode time and compile time for scan/unrolled decoding.
+
+Decode roofline: a decode step reads every weight once (tied output layer = the embedding
+matrix; the input lookup's one row is not counted) and the whole allocated KV cache (keys and
+values of every layer over prompt + new-token slots; empty slots are read too, then masked). The
+machine's read bandwidth is measured in the same run: a jitted row-sum over a float32 buffer of
+``--bandwidth-mib`` (default 1 GiB, larger than the last-level cache), best of 5, counting only
+the bytes read. roof = (bytes per step / bandwidth) / measured time per step.
+
+The last line is machine-readable (speedup = torch / jaxtok):
+``RESULT prefill_speedup=… decode_speedup=… prefill_speedup_bf16=… decode_speedup_bf16=… max_logit_diff=…
+decode_roof_f32=… decode_roof_bf16=…``
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ import dataclasses
 import importlib.resources
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -43,6 +58,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxtok.decode import generate as generation  # noqa: E402
 from jaxtok.decode.generate import generate  # noqa: E402
 from jaxtok.models.llama import Llama  # noqa: E402
 from jaxtok.models.registry import load_pretrained_lm  # noqa: E402
@@ -58,18 +74,20 @@ def prompt_ids(tokenizer, length: int) -> list[int]:
 
 
 class JaxSide:
-    def __init__(self, loaded, dtype: str, ids: list[int], new_tokens: int):
+    def __init__(self, loaded, dtype: str, ids: list[int], new_tokens: int, prefill_loop=None, decode_loop=None):
         config = dataclasses.replace(loaded.config, dtype=dtype, param_dtype=dtype)
         # what load_pretrained_lm(..., dtype=dtype, param_dtype=dtype) does, without re-reading the file
         self.params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), loaded.params)
         self.model = Llama(config)
         self.ids, self.new_tokens, self.pad_id = ids, new_tokens, loaded.tokenizer.pad_id
+        self.loops = {"prefill_loop": prefill_loop, "decode_loop": decode_loop}
         self.tokens = jnp.asarray([ids], jnp.int32)
         self._forward = jax.jit(lambda params, tokens: self.model.apply({"params": params}, tokens).logits)
 
     def _generate(self, n: int) -> list[int]:
         # eos_id=-1 never occurs, so exactly n tokens come out
-        return generate(self.model, self.params, [self.ids], max_new_tokens=n, eos_id=-1, pad_id=self.pad_id)[0]
+        return generate(self.model, self.params, [self.ids], max_new_tokens=n, eos_id=-1, pad_id=self.pad_id,
+                        **self.loops)[0]
 
     def prefill(self):
         return self._generate(1)
@@ -113,8 +131,60 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def cpu_description() -> str:
+    """``lscpu``'s model name, CPU count, last-level cache and matmul-relevant flags."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown CPU (no lscpu)"
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
+    flags = fields.get("Flags", "").split()
+    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return (f"{fields.get('Model name', '?')}, {fields.get('CPU(s)', '?')} CPUs, L3 {fields.get('L3 cache', '?')}, "
+            f"{' '.join(isa)}")
+
+
+def read_bandwidth(mib: int, repeats: int = 5) -> float:
+    """Bytes/s of a jitted row-sum over a float32 buffer of ``mib`` MiB (bytes read only, best run);
+    many rows, so XLA:CPU splits the reduction over its threads."""
+    rows = 4096
+    cols = mib * 2 ** 20 // 4 // rows
+    buf = jnp.ones((rows, cols), jnp.float32)
+    reduce = jax.jit(lambda x: jnp.sum(x, axis=1))
+    reduce(buf).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        reduce(buf).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return buf.size * 4 / best
+
+
+def decode_bytes(config, itemsize: int, cache_len: int) -> tuple[int, int]:
+    """(weight bytes, KV-cache bytes) read by one decode step."""
+    weights = config.num_params() * itemsize
+    cache = 2 * config.n_layers * cache_len * config.n_kv_heads * config.head_dim * itemsize
+    return weights, cache
+
+
+def run_loops(dtype, loaded, ids, args) -> dict:
+    """jaxtok only: prefill and decode time per (prefill loop, decode loop), compile included."""
+    rows = {}
+    for prefill_loop, decode_loop in (("scan", "scan"), ("scan", "unrolled"), ("unrolled", "unrolled")):
+        jx = JaxSide(loaded, dtype, ids, args.new_tokens, prefill_loop, decode_loop)
+        first = [timed(jx.prefill)[0], timed(jx.generate)[0]]
+        pre, gen = [], []
+        for _ in range(args.repeats):
+            pre.append(timed(jx.prefill)[0])
+            gen.append(timed(jx.generate)[0])
+        p, g = statistics.median(pre), statistics.median(gen)
+        rows[(prefill_loop, decode_loop)] = {"prefill": p, "decode": (g - p) / max(args.new_tokens - 1, 1),
+                                             "compile": (first[0] - p, first[1] - g)}
+    return rows
+
+
 def run_dtype(dtype, loaded, ref_model, torch, ids, args) -> dict:
-    jx = JaxSide(loaded, dtype, ids, args.new_tokens)
+    jx = JaxSide(loaded, dtype, ids, args.new_tokens, args.prefill_loop, args.decode_loop)
     tc = TorchSide(ref_model, torch, dtype, ids, args.new_tokens, args.torch_cache)
     row, outs = {}, {}
     for name in TIMED:  # warm-up; jaxtok compiles here
@@ -159,6 +229,11 @@ def print_table(rows, args, threads):
                   f"jaxtok compile ~ {max(fj - steady, 0):.1f} s")
         print(f"{dtype:9} greedy tokens identical to torch's: first {row['tokens_equal']} of {n}; "
               f"max |logit diff| (forward): {row['max_logit_diff']:.2e}")
+        w, c = row["bytes"]
+        print(f"{dtype:9} decode roofline: {w / 1e6:.0f} MB weights + {c / 1e6:.1f} MB KV cache per step; read "
+              f"bandwidth {row['bandwidth'] / 1e9:.1f} GB/s -> roof {row['roof_ms']:.1f} ms/step; measured "
+              f"{row['decode'][0] * 1000 / steps:.1f} ms -> {row['roof']:.0%} of the roof "
+              f"(torch {row['roof_torch']:.0%})")
         print()
 
 
@@ -170,6 +245,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16")
     p.add_argument("--torch-cache", choices=("dynamic", "static"), default="static",
                    help="transformers KV cache for generate (static: cache_implementation='static')")
+    p.add_argument("--prefill-loop", default=generation.PREFILL_LAYER_LOOP,
+                   help="jaxtok layer loop of the prompt pass: scan | unrolled (default: generate's)")
+    p.add_argument("--decode-loop", default=generation.DECODE_LAYER_LOOP,
+                   help="jaxtok layer loop of the decode steps: scan | unrolled (default: generate's)")
+    p.add_argument("--compare-loops", action="store_true",
+                   help="also time jaxtok prefill/decode for each layer loop (jaxtok only; compiles 3 programs)")
+    p.add_argument("--bandwidth-mib", type=int, default=1024, help="buffer of the read-bandwidth probe")
     p.add_argument("--torch-omp-wait", choices=("passive", "active", "default"),
                    default=os.environ.get("OMP_WAIT_POLICY", "passive").lower(),
                    help="OMP_WAIT_POLICY for torch's OpenMP threads (default: $OMP_WAIT_POLICY, else passive; "
@@ -191,17 +273,36 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
           f"transformers {transformers.__version__}; threads: jax {threads}, torch {torch.get_num_threads()} "
           f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}); load average {os.getloadavg()[0]:.1f}")
+    print(f"CPU: {cpu_description()}; jaxtok layer loops: prefill {args.prefill_loop or 'config'}, decode "
+          f"{args.decode_loop or 'config'}")
 
     loaded = load_pretrained_lm("smollm2-135m")
     ids = prompt_ids(loaded.tokenizer, args.prompt_len)
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(
         str(loaded.path.parent), gguf_file=loaded.path.name, dtype=torch.float32).eval()
 
-    rows = {}
+    bandwidth = read_bandwidth(args.bandwidth_mib)
+    print(f"read bandwidth (row-sum over {args.bandwidth_mib} MiB float32): {bandwidth / 1e9:.1f} GB/s")
+    cache_len = -(-args.prompt_len // 16) * 16 + args.new_tokens  # generate's padded prompt + new slots
+    steps = max(args.new_tokens - 1, 1)
+    rows, loop_rows = {}, {}
     for dtype in ("float32", "bfloat16"):  # float32 first: torch's model is converted in place
         if dtype in dtypes:
-            rows[dtype] = run_dtype(dtype, loaded, ref_model, torch, ids, args)
+            row = rows[dtype] = run_dtype(dtype, loaded, ref_model, torch, ids, args)
+            row["bytes"] = decode_bytes(loaded.config, jnp.dtype(dtype).itemsize, cache_len)
+            row["bandwidth"] = bandwidth
+            row["roof_ms"] = sum(row["bytes"]) / bandwidth * 1e3
+            row["roof"] = row["roof_ms"] / (row["decode"][0] * 1e3 / steps)
+            row["roof_torch"] = row["roof_ms"] / (row["decode"][1] * 1e3 / steps)
+            if args.compare_loops:
+                loop_rows[dtype] = run_loops(dtype, loaded, ids, args)
     print_table(rows, args, threads)
+    for dtype, lr in loop_rows.items():
+        print(f"jaxtok layer loops, {dtype} (median of {args.repeats}; compile = first call - steady)")
+        for (pl, dl), r in lr.items():
+            print(f"  prefill {pl:8} decode {dl:8}: prefill {r['prefill'] * 1e3:7.0f} ms, decode "
+                  f"{r['decode'] * 1e3:6.1f} ms/step, compile prefill {r['compile'][0]:5.1f} s / generate "
+                  f"{r['compile'][1]:5.1f} s")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
 
     def speedup(dtype, key):
@@ -211,9 +312,14 @@ def main(argv=None) -> int:
         return f"{t / j:.2f}"
 
     diff = f"{rows['float32']['max_logit_diff']:.2e}" if "float32" in rows else "nan"
+
+    def roof(dtype):
+        return f"{rows[dtype]['roof']:.2f}" if dtype in rows else "nan"
+
     print(f"RESULT prefill_speedup={speedup('float32', 'prefill')} decode_speedup={speedup('float32', 'decode')} "
           f"prefill_speedup_bf16={speedup('bfloat16', 'prefill')} "
-          f"decode_speedup_bf16={speedup('bfloat16', 'decode')} max_logit_diff={diff}")
+          f"decode_speedup_bf16={speedup('bfloat16', 'decode')} max_logit_diff={diff} "
+          f"decode_roof_f32={roof('float32')} decode_roof_bf16={roof('bfloat16')}")
     return 0
 
 

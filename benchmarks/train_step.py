@@ -30,8 +30,17 @@ restores libgomp's default spinning): on a shared machine (load above the core c
 OpenMP threads wait on a descheduled partner at every op, and torch's step became 2-10x slower
 than with one thread (measured here: bf16 step 0.6 s passive vs 1.3-5.5 s active, 0.48 s on one
 thread). On an idle machine passive costs torch a few percent; export OMP_WAIT_POLICY to choose.
+Layer loop and remat: ``--layer-loop`` / ``--scan-unroll`` / ``--remat`` set the jaxtok model
+(``LlamaConfig.layer_loop`` etc.) of the comparison with torch. ``--options`` adds a jaxtok-only
+table, per dtype, of several ``loop[:unroll][+remat]`` options (e.g. ``scan,unrolled,scan:2,
+unrolled+dots_saveable``), timed interleaved, with compile time and the compiled step's
+``memory_analysis()`` (temporaries, arguments, outputs).
+
+MFU: model FLOPs per token from the config (``jaxtok.train.flops.model_flops_per_token``:
+6·N_matmul + 12·L·W·T) x tokens/s over the peak of ``jaxtok.train.flops.peak_flops`` (on CPU a
+4096² matmul probe in the compute dtype, cached per CPU model in the jaxtok cache).
 The last line is machine-readable, speedup = torch time / jaxtok time:
-``RESULT f32_speedup=... bf16_speedup=... loss_diff=... ...``
+``RESULT f32_speedup=... bf16_speedup=... loss_diff=... ... mfu_f32=... mfu_bf16=...``
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import dataclasses
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -50,6 +60,7 @@ import numpy as np
 from jaxtok.models.llama import Llama
 from jaxtok.sharding import make_mesh
 from jaxtok.train import configs
+from jaxtok.train.flops import mfu, model_flops_per_token, peak_flops
 from jaxtok.train.trainer import OptimizerConfig, Trainer, lm_task
 
 TOTAL_STEPS = 1000  # sets the cosine schedule; irrelevant for speed
@@ -78,6 +89,13 @@ class JaxSide:
         self.trainer = Trainer(lm_task(Llama(model_config)), opt, make_mesh(), total_steps=TOTAL_STEPS, seed=seed)
         self.state = self.trainer.init_state(jax.random.key(seed))
         self.batch = self.trainer.device_batch(batch)
+
+    def compile(self) -> tuple[float, object]:
+        """Seconds to lower and compile the train step, and its ``memory_analysis()``."""
+        start = time.perf_counter()
+        with jax.set_mesh(self.trainer.mesh):
+            compiled = self.trainer._train_step.lower(self.state, self.batch).compile()
+        return time.perf_counter() - start, compiled.memory_analysis()
 
     def params(self) -> dict:
         return jax.tree.map(lambda x: np.array(x, dtype=np.float32), self.state.params)  # a copy (donation)
@@ -309,6 +327,94 @@ def run_dtype(dtype: str, torch, base_config, opt: OptimizerConfig, batch, args)
     return row
 
 
+def parse_option(text: str) -> dict:
+    """``loop[:unroll][+remat]`` -> LlamaConfig fields (``scan:2``, ``unrolled+dots_saveable``)."""
+    loop, _, remat = text.partition("+")
+    loop, _, unroll = loop.partition(":")
+    return {"layer_loop": loop, "scan_unroll": int(unroll or 1), "remat": remat or "none"}
+
+
+def run_options(dtype: str, base_config, opt: OptimizerConfig, batch, args, options: list[str]) -> dict:
+    """jaxtok only: step time (interleaved rounds), compile time and memory of each option."""
+    sides, rows = {}, {}
+    for name in options:
+        config = dataclasses.replace(base_config, dtype=dtype, param_dtype="float32", **parse_option(name))
+        side = JaxSide(config, opt, batch, args.seed)
+        compile_s, memory = side.compile()
+        side.run(2)
+        sides[name], rows[name] = side, {"compile": compile_s, "memory": memory, "samples": []}
+    for _ in range(args.repeats):
+        for name, side in sides.items():
+            rows[name]["samples"].append(timed(side.run, args.steps)[0] / args.steps)
+    for row in rows.values():
+        row["step"], row["best"] = statistics.median(row["samples"]), min(row["samples"])
+    return rows
+
+
+def print_options(dtype: str, rows: dict, tokens: int, flops_per_token: float, peak) -> None:
+    print(f"\njaxtok layer loop / remat options, {dtype} (interleaved rounds; memory from the compiled step's "
+          "memory_analysis())")
+    head = (f"{'option':28} {'ms/step':>8} {'(best)':>8} {'tokens/s':>9} {'MFU':>6} {'compile s':>9} "
+            f"{'temp MiB':>9} {'args MiB':>9} {'out MiB':>8}")
+    print(head)
+    print("-" * len(head))
+    mib = 2 ** 20
+    for name, row in rows.items():
+        m = row["memory"]
+        print(f"{name:28} {row['step'] * 1e3:>8.1f} {row['best'] * 1e3:>8.1f} {tokens / row['step']:>9.0f} "
+              f"{mfu(tokens / row['step'], flops_per_token, peak):>6.1%} {row['compile']:>9.1f} "
+              f"{m.temp_size_in_bytes / mib:>9.1f} {m.argument_size_in_bytes / mib:>9.1f} "
+              f"{m.output_size_in_bytes / mib:>8.1f}")
+
+
+def matmul_repro(torch, tokens: int, cfg, repeats: int = 20) -> None:
+    """The train step's matmul shapes alone, jax (jit, float32 accumulation) against torch, both
+    dtypes: shows how much of the gap is XLA:CPU's GEMM kernels themselves."""
+    import jax.numpy as jnp
+
+    d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    shapes = [("x·W_qkvo", tokens, d, d), ("x·W_gate/up", tokens, d, f), ("h·W_down", tokens, f, d),
+              ("x·E^T (logits)", tokens, d, v), ("dW = x^T·g (d x f)", d, tokens, f),
+              ("dx = g·E (logits)", tokens, v, d)]
+    print(f"\nMatmul reproducer (M x K x N, ms per product, best of {repeats}; jax: jit, "
+          "preferred_element_type=float32; torch: torch.matmul, bf16 under autocast's bf16 operands)")
+    head = f"{'product':22} {'M x K x N':>18} {'jax f32':>8} {'torch f32':>9} {'jax bf16':>9} {'torch bf16':>10}"
+    print(head)
+    print("-" * len(head))
+
+    def best(fn, *operands):
+        fn(*operands)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(*operands)
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1e3
+
+    product = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+
+    for name, m, k, n in shapes:
+        row = []
+        for dtype in ("float32", "bfloat16"):
+            row.append(best(lambda x, y: product(x, y).block_until_ready(),
+                            jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)))
+            tdtype = getattr(torch, dtype)
+            row.append(best(torch.matmul, torch.ones(m, k, dtype=tdtype), torch.ones(k, n, dtype=tdtype)))
+        print(f"{name:22} {f'{m}x{k}x{n}':>18} {row[0]:>8.2f} {row[1]:>9.2f} {row[2]:>9.2f} {row[3]:>10.2f}")
+
+
+def cpu_description() -> str:
+    """``lscpu``'s model name, cores and flags that matter for matmuls."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown CPU (no lscpu)"
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, {' '.join(isa)}"
+
+
 def print_table(rows: dict, args, tokens: int, threads: tuple[int, int], adamw: str) -> None:
     print(f"\nTrain step on CPU ('default' preset model), batch {args.batch} x seq {args.seq_len} = {tokens} tokens; "
           f"threads: jax {threads[0]}, torch {threads[1]}; median (best) of {args.repeats} rounds x "
@@ -323,6 +429,8 @@ def print_table(rows: dict, args, tokens: int, threads: tuple[int, int], adamw: 
         print(f"{dtype:9} {'  best round, ms':30} {bj * 1e3:>11.1f} {bt * 1e3:>11.1f}")
         print(f"{dtype:9} {'  median of paired rounds':30} {'':>11} {'':>11} {row['paired']:>7.2f}x")
         print(f"{dtype:9} {'tokens/s (median)':30} {tokens / j:>11.0f} {tokens / t:>11.0f}")
+        print(f"{dtype:9} {'MFU (model FLOPs / peak)':30} {row['mfu'][0]:>11.1%} {row['mfu'][1]:>11.1%}   "
+              f"peak {row['peak'].flops_per_s / 1e9:.0f} GFLOP/s ({row['peak'].source})")
         print(f"{dtype:9} {'round spread (max-min)/median':30} {row['spread'][0]:>11.0%} {row['spread'][1]:>11.0%}")
         fj, ft = row["first"]
         print(f"{dtype:9} {'first step (compile), s':30} {fj:>11.2f} {ft:>11.2f}")
@@ -352,6 +460,15 @@ def main(argv=None) -> int:
                    default=os.environ.get("OMP_WAIT_POLICY", "passive").lower(),
                    help="OMP_WAIT_POLICY for torch's OpenMP threads (default: $OMP_WAIT_POLICY, else passive; "
                         "'default' leaves the environment alone)")
+    p.add_argument("--layer-loop", default=None,
+                   help="jaxtok layer loop of the comparison: scan | unrolled (default: the preset's)")
+    p.add_argument("--scan-unroll", type=int, default=None, help="layers per scan iteration (default: the preset's)")
+    p.add_argument("--remat", default=None, help="none | full | dots_saveable (default: the preset's)")
+    p.add_argument("--options", default="",
+                   help="comma-separated jaxtok-only options loop[:unroll][+remat] to compare, e.g. "
+                        "scan,unrolled,scan:2,unrolled+dots_saveable")
+    p.add_argument("--matmul-repro", action="store_true",
+                   help="also time the step's matmul shapes alone, jax against torch")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -368,6 +485,8 @@ def main(argv=None) -> int:
     args.batch = args.batch or preset.data.global_batch
     args.seq_len = args.seq_len or preset.data.seq_len
     base_config = preset.model_config(vocab_size=preset.tokenizer_vocab)
+    loop_fields = {"layer_loop": args.layer_loop, "scan_unroll": args.scan_unroll, "remat": args.remat}
+    base_config = dataclasses.replace(base_config, **{k: v for k, v in loop_fields.items() if v is not None})
     if args.seq_len > base_config.max_seq_len:
         base_config = dataclasses.replace(base_config, max_seq_len=args.seq_len)
     opt = preset.optimizer
@@ -381,17 +500,35 @@ def main(argv=None) -> int:
           f"{torch.__version__}; os.cpu_count() {os.cpu_count()}; usable cores {jax_threads}; torch threads "
           f"{torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
           f"load average {os.getloadavg()[0]:.1f}")
+    print(f"CPU: {cpu_description()}")
     c = base_config
     print(f"model: d_model {c.d_model}, {c.n_layers} layers, {c.n_heads} heads / {c.n_kv_heads} kv heads x "
           f"{c.head_dim}, d_ff {c.d_ff}, vocab {c.vocab_size}, {c.num_params() / 1e6:.2f} M params; AdamW lr "
           f"{opt.lr} (warmup {opt.warmup_steps}, cosine), betas ({opt.b1}, {opt.b2}), eps {opt.eps}, "
-          f"wd {opt.weight_decay} (matrices), clip {opt.clip_norm}")
+          f"wd {opt.weight_decay} (matrices), clip {opt.clip_norm}; jaxtok layer_loop {c.layer_loop} "
+          f"(unroll {c.scan_unroll}), remat {c.remat}")
     batch = make_batch(args.batch, args.seq_len, base_config.vocab_size, args.seed)
 
-    rows = {dtype: run_dtype(dtype, torch, base_config, opt, batch, args)
-            for dtype in ("float32", "bfloat16") if dtype in dtypes}
     tokens = args.batch * args.seq_len
+    flops_per_token = model_flops_per_token(base_config, args.seq_len)
+    print(f"model FLOPs per token (training, 6·N_matmul + 12·L·W·T): {flops_per_token / 1e6:.1f} M "
+          f"(N_matmul {base_config.matmul_params() / 1e6:.2f} M, T {args.seq_len})")
+    rows, option_rows = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        if dtype not in dtypes:
+            continue
+        peak = peak_flops(dtype)
+        rows[dtype] = run_dtype(dtype, torch, base_config, opt, batch, args)
+        rows[dtype]["peak"] = peak
+        rows[dtype]["mfu"] = tuple(mfu(tokens / s, flops_per_token, peak) for s in rows[dtype]["step"])
+        if args.options:
+            option_rows[dtype] = run_options(dtype, base_config, opt, batch, args,
+                                             [o.strip() for o in args.options.split(",") if o.strip()])
     print_table(rows, args, tokens, (jax_threads, torch.get_num_threads()), args.torch_adamw)
+    for dtype, opt_rows in option_rows.items():
+        print_options(dtype, opt_rows, tokens, flops_per_token, rows[dtype]["peak"])
+    if args.matmul_repro:
+        matmul_repro(torch, tokens, base_config)
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
 
     def get(dtype, fn, fmt):
@@ -414,7 +551,9 @@ def main(argv=None) -> int:
           f"jax_tokens_per_s_f32={get('float32', jax_tps, '.0f')} "
           f"torch_tokens_per_s_f32={get('float32', torch_tps, '.0f')} "
           f"jax_tokens_per_s_bf16={get('bfloat16', jax_tps, '.0f')} "
-          f"torch_tokens_per_s_bf16={get('bfloat16', torch_tps, '.0f')}")
+          f"torch_tokens_per_s_bf16={get('bfloat16', torch_tps, '.0f')} "
+          f"mfu_f32={get('float32', lambda r: r['mfu'][0], '.3f')} "
+          f"mfu_bf16={get('bfloat16', lambda r: r['mfu'][0], '.3f')}")
     return 0
 
 

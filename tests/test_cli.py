@@ -75,11 +75,12 @@ def test_config_from_args_numbers_only_implicit_run_dirs(tmp_path, monkeypatch):
 
 def test_progress_is_plain_lines_when_not_a_terminal(tmp_path, capsys, monkeypatch):
     from jaxtok.train import observe
-    from jaxtok.train.observe import RunObserver
+    from jaxtok.train.observe import RunObserver, read_metrics
 
     monkeypatch.setattr(observe, "_interactive", lambda: False)
 
-    with RunObserver(tmp_path, total_steps=40, tokens_per_step=100, tensorboard=False) as observer:
+    with RunObserver(tmp_path, total_steps=40, tokens_per_step=100, flops_per_token=6e6, peak_flops=1e12,
+                     tensorboard=False) as observer:
         for step in range(1, 41):
             observer.train(step, {"loss": 5.0 - step / 100})
         observer.eval(40, {"loss": 4.5, "bpb": 2.0})
@@ -87,7 +88,9 @@ def test_progress_is_plain_lines_when_not_a_terminal(tmp_path, capsys, monkeypat
     lines = capsys.readouterr().out.splitlines()
     progress = [line for line in lines if line.startswith("step ") and "eval" not in line]
     assert [line.split()[1] for line in progress] == [f"{s}/40" for s in range(2, 41, 2)]
-    assert "loss 4.600" in progress[-1] and "eta" in progress[-1]
+    assert "loss 4.600" in progress[-1] and "eta" in progress[-1] and "MFU" in progress[-1]
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(r["mfu"] == pytest.approx(r["tokens_per_s"] * 6e6 / 1e12) for r in records if r["split"] == "train")
     assert "step 40: eval loss 4.5000, bpb 2.0000" in lines
     assert summary["last_loss_steps"] == 10 and summary["last_loss"] == pytest.approx(4.645)
-    assert "(mean of the last 10 steps)" in _summary_line(summary)
+    assert "(mean of the last 10 steps)" in _summary_line(summary) and "MFU" in _summary_line(summary)

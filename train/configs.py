@@ -172,8 +172,9 @@ def default() -> ExperimentConfig:
     return ExperimentConfig(
         name="default",
         model="llama-tiny",
+        # unrolled: 8-10% faster train steps than scan at 4 layers (benchmarks/train_step.py)
         model_overrides=dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=64, d_ff=768,
-                             max_seq_len=1024),
+                             max_seq_len=1024, layer_loop="unrolled"),
         tokenizer_vocab=4096,
         data=DataConfig(seq_len=256, global_batch=8, bos_token=BOS, cache_dir=str(cache_dir() / "packed")),
         optimizer=OptimizerConfig(lr=3e-3, warmup_steps=30, weight_decay=0.1),

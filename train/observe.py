@@ -2,7 +2,8 @@
 TensorBoard event files and a loss-curve PNG, all in the run directory.
 
 ``metrics.jsonl`` has one JSON object per line: ``{"split": "train", "step", "loss", "grad_norm",
-"lr", "tokens_per_s", "time", ...}`` for every step and ``{"split": "eval", "step", "loss",
+"lr", "tokens_per_s", "mfu", "time", ...}`` for every step (``mfu``: model FLOPs utilisation, see
+``jaxtok.train.flops``) and ``{"split": "eval", "step", "loss",
 "bpb"}`` for every evaluation. A resumed run first drops the records after its restored step,
 so the file always describes one consistent history. Only process 0 writes.
 """
@@ -54,10 +55,13 @@ class RunObserver:
     """
 
     def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0,
-                 tokens_per_step: int | None = None, progress: bool = True, tensorboard: bool = True):
+                 tokens_per_step: int | None = None, flops_per_token: float | None = None,
+                 peak_flops: float | None = None, progress: bool = True, tensorboard: bool = True):
         self.run_dir = Path(run_dir)
         self._writer = jax.process_index() == 0
         self._tokens_per_step = tokens_per_step
+        # model FLOP/s per token/s over the peak of all devices: tokens/s x this = MFU
+        self._mfu_per_token_rate = (flops_per_token / peak_flops if flops_per_token and peak_flops else None)
         self._start = time.perf_counter()
         self._last = self._start
         self._rates: list[float] = []
@@ -98,6 +102,8 @@ class RunObserver:
         record = {"split": "train", "step": step, **metrics, "step_s": seconds, "time": now - self._start}
         if self._tokens_per_step:
             record["tokens_per_s"] = self._tokens_per_step / max(seconds, 1e-9)
+            if self._mfu_per_token_rate:
+                record["mfu"] = record["tokens_per_s"] * self._mfu_per_token_rate
             if self._losses:  # the first step of a process includes compilation
                 self._rates.append(record["tokens_per_s"])
         self._losses.append(float(metrics.get("loss", math.nan)))
@@ -105,7 +111,10 @@ class RunObserver:
         self._bar.update(1)
         postfix = {"loss": f"{metrics.get('loss', math.nan):.3f}"}
         if self._rates:
-            postfix["tok/s"] = f"{statistics.median(self._rates[-20:]):,.0f}"
+            rate = statistics.median(self._rates[-20:])
+            postfix["tok/s"] = f"{rate:,.0f}"
+            if self._mfu_per_token_rate:
+                postfix["MFU"] = f"{100 * rate * self._mfu_per_token_rate:.1f}%"
         self._bar.set_postfix(postfix, refresh=False)
         if self._lines and (step % self._line_every == 0 or step == self._total):
             done = step - self._first_step
@@ -133,6 +142,8 @@ class RunObserver:
                        last_loss_steps=len(self._losses[-10:]))
         if self._rates:
             out["tokens_per_s"] = statistics.median(self._rates)
+            if self._mfu_per_token_rate:
+                out["mfu"] = out["tokens_per_s"] * self._mfu_per_token_rate
         return out
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from jaxtok.data import load_documents, make_eval_batches, make_train_iterator
 from jaxtok.sharding import make_mesh
 
-from . import configs
+from . import configs, flops
 from .checkpoint import Checkpointer
 from .observe import METRICS_FILE, PLOT_FILE, RunObserver, plot_metrics
 from .trainer import LoopConfig, StepCallback, Trainer, TrainState, TrainTask, fit, lm_task
@@ -43,7 +43,7 @@ _RESUMABLE_CHANGES = frozenset({"steps", "run_dir", "mesh", "progress", "eval_ev
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     """What :func:`run` returns: the run directory, the final state and a summary
-    (steps, wall_s, first_loss, last_loss, tokens_per_s)."""
+    (steps, wall_s, first_loss, last_loss, tokens_per_s, mfu)."""
 
     run_dir: Path
     state: TrainState
@@ -235,9 +235,11 @@ def run(config: configs.ExperimentConfig, *, resume: bool = False, devices: Sequ
     with Checkpointer(run_dir / CHECKPOINT_DIR, keep=config.keep, config=configs.to_json(config)) as checkpointer:
         state = restore_or_init(trainer, checkpointer, config, data, resume=resume, params=params)
         tokens_per_step = config.data.global_batch * config.data.seq_len
+        flops_per_token, peak = _mfu_terms(model_config, config, mesh)
         try:
             with RunObserver(run_dir, total_steps=config.steps, start_step=int(jax.device_get(state.step)),
-                             tokens_per_step=tokens_per_step, progress=config.progress) as observer:
+                             tokens_per_step=tokens_per_step, flops_per_token=flops_per_token, peak_flops=peak,
+                             progress=config.progress) as observer:
                 state = fit(trainer, state, data, loop, eval_batches=eval_batches, checkpointer=checkpointer,
                             observer=observer, callbacks=callbacks)
                 summary = observer.summary()
@@ -247,6 +249,22 @@ def run(config: configs.ExperimentConfig, *, resume: bool = False, devices: Sequ
     _say(_summary_line(summary))
     _say(f"run dir: {run_dir}")
     return RunResult(run_dir=run_dir, state=state, summary=summary)
+
+
+def _mfu_terms(model_config: Any, config: configs.ExperimentConfig, mesh: Any) -> tuple[float, float | None]:
+    """Training FLOPs per token and the peak FLOP/s of the mesh (None where no peak is known)."""
+    flops_per_token = flops.model_flops_per_token(model_config, config.data.seq_len)
+    device = mesh.devices.flat[0]
+    try:
+        peak = flops.peak_flops(config.dtype, device)
+    except ValueError as exc:
+        _say(f"no MFU: {exc}")
+        return flops_per_token, None
+    # simulated CPU devices share one processor, whose probe is the whole machine's peak
+    chips = 1 if device.platform == "cpu" else mesh.devices.size
+    _say(f"MFU is against {chips} x {peak.flops_per_s / 1e12:.3g} TFLOP/s ({peak.source}); "
+         f"{flops_per_token / 1e6:.3g} MFLOPs per token")
+    return flops_per_token, chips * peak.flops_per_s
 
 
 def enable_compilation_cache(directory: str | Path | None = None) -> None:
@@ -266,6 +284,8 @@ def _summary_line(summary: Mapping[str, float]) -> str:
                      f"{summary['last_loss']:.3f} (mean of the last {int(summary['last_loss_steps'])} steps)")
     if "tokens_per_s" in summary:
         parts.append(f"{summary['tokens_per_s']:,.0f} tokens/s")
+    if "mfu" in summary:
+        parts.append(f"MFU {100 * summary['mfu']:.1f}%")
     return "done: " + ", ".join(parts)
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtok.models.llama import KVCache
+from jaxtok.nn.layers import split_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,7 @@ def _grow(cache: KVCache, extra: int) -> KVCache:
                          positions=jnp.pad(cache.positions, ((0, 0), (0, extra)), constant_values=-1))
 
 
-def _generate(model, params, tokens, positions, rng, *, max_new_tokens: int,
+def _generate(model, decode_model, params, tokens, positions, rng, *, max_new_tokens: int,
               sampling: SamplingConfig, eos_id: int, pad_id: int):
     batch, prompt_len = tokens.shape
     # The prompt attends to a cache of its own length (not to the empty slots of the new tokens),
@@ -91,19 +92,29 @@ def _generate(model, params, tokens, positions, rng, *, max_new_tokens: int,
     def body(state):
         step, cache, last, done, generated, rng = state
         pos = (next_pos + step - 1)[:, None]
-        out = model.apply({"params": params}, last[:, None], positions=pos, cache=cache)
+        out = decode_model.apply({"params": decode_params}, last[:, None], positions=pos, cache=cache)
         rng, step_rng = jax.random.split(rng)
         token = sample_token(out.logits[:, -1], step_rng, sampling)
         token = jnp.where(done, pad_id, token)
         generated = jax.lax.dynamic_update_slice_in_dim(generated, token[:, None], step, axis=1)
         return step + 1, out.cache, token, done | (token == eos_id), generated, rng
 
+    decode_params = params
+    if max_new_tokens > 1 and getattr(decode_model.config, "layer_loop", "scan") == "unrolled":
+        decode_params = split_layers(params)  # once per call, not per step (see split_layers)
+
     state = (jnp.int32(1), cache, first, first == eos_id, generated, rng)
     _, _, _, _, generated, _ = jax.lax.while_loop(cond, body, state)
     return generated
 
 
-_STATIC = ("model", "max_new_tokens", "sampling", "eos_id", "pad_id")
+# Layer loop per use, picked by measurement (benchmarks/smollm2_forward.py --compare-loops; None =
+# the config's): unrolled decoding reads per-layer weights split once per call (1.4-1.8x faster steps
+# on CPU for SmolLM2, ~10-25 s more compile); prefill stays scan (unrolled was slower there).
+PREFILL_LAYER_LOOP: str | None = None
+DECODE_LAYER_LOOP: str | None = "unrolled"
+
+_STATIC = ("model", "decode_model", "max_new_tokens", "sampling", "eos_id", "pad_id")
 _generate_jit = jax.jit(_generate, static_argnames=_STATIC)
 # XLA:CPU's float-normalization pass gives bf16 ops that lack a bf16 kernel float32 operands,
 # dynamic-slice among them: the slice that takes each layer's weights (and cache) in the layer scan.
@@ -126,11 +137,25 @@ def _skip_float_normalization(model, params) -> bool:
     return platform == "cpu" and jnp.finfo(config.compute_dtype).bits < 32 and config.attention != "xla"
 
 
+def with_layer_loop(model: Any, layer_loop: str | None) -> Any:
+    """``model`` with its config's ``layer_loop`` replaced (same parameters: every loop reads the
+    one stacked layout); ``model`` itself when ``layer_loop`` is None or the config has no loop."""
+    config = model.config
+    if layer_loop is None or not hasattr(config, "layer_loop") or config.layer_loop == layer_loop:
+        return model
+    return type(model)(dataclasses.replace(config, layer_loop=layer_loop))
+
+
 def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              eos_id: int, pad_id: int | None = None, sampling: SamplingConfig = SamplingConfig(),
-             rng: jax.Array | None = None) -> list[list[int]]:
+             rng: jax.Array | None = None, prefill_loop: str | None = PREFILL_LAYER_LOOP,
+             decode_loop: str | None = DECODE_LAYER_LOOP) -> list[list[int]]:
     """Continuations of ``prompts`` (lists of ids); each stops after its EOS (kept) or at
-    ``max_new_tokens``."""
+    ``max_new_tokens``.
+
+    ``prefill_loop`` / ``decode_loop``: the layer loop (``scan``, ``unrolled``) of the prompt's
+    pass and of the one-token steps; None keeps the model config's ``layer_loop``.
+    """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     pad_id = eos_id if pad_id is None else pad_id
@@ -140,7 +165,10 @@ def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_n
                          f"the model's context of {model.config.max_seq_len}")
     rng = jax.random.key(0) if rng is None else rng
     run = _generate_jit_cpu if _skip_float_normalization(model, params) else _generate_jit
-    out = np.asarray(run(model, params, jnp.asarray(tokens), jnp.asarray(positions), rng,
+    # one new token runs no decode step: no need to compile an unrolled one
+    models = (with_layer_loop(model, prefill_loop),
+              with_layer_loop(model, decode_loop if max_new_tokens > 1 else prefill_loop))
+    out = np.asarray(run(*models, params, jnp.asarray(tokens), jnp.asarray(positions), rng,
                          max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id))
     results = []
     for row in out:

@@ -1,8 +1,9 @@
 """Llama-family decoder (SmolLM2): RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
-Layers are stacked with ``nn.scan`` (parameters gain a leading ``layers`` axis), so a 30-layer
-model compiles as fast as a 1-layer one. The KV cache is an explicit pytree passed in and
-returned, never hidden module state.
+Layer parameters are stacked (a leading ``layers`` axis, created by ``nn.scan``); the loop over
+them is ``config.layer_loop`` (``scan``: a 30-layer model compiles as fast as a 1-layer one;
+``unrolled``: a Python loop), see :func:`jaxtok.nn.layers.run_layers`. The KV cache is an
+explicit pytree passed in and returned, never hidden module state.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from flax import linen as nn
 from flax import struct
 
 from jaxtok.nn import attention as attn
-from jaxtok.nn.layers import DenseGeneral, RMSNorm, matmul, rotary_embedding
+from jaxtok.nn.layers import (
+    DenseGeneral,
+    RMSNorm,
+    check_layer_loop,
+    matmul,
+    rotary_embedding,
+    run_layers,
+    scanned_blocks,
+)
 from jaxtok.sharding import constrain
 
 
@@ -30,7 +39,12 @@ class LlamaConfig:
       tie_embeddings: output projection is the transposed input embedding.
       dtype: compute dtype; param_dtype: storage dtype of parameters.
       attention: implementation behind the attention entry point.
-      remat: rematerialise each block in the backward pass.
+      remat: rematerialisation in the backward pass: ``none`` (or False), ``full`` (or True:
+        each block recomputed from its input), ``dots_saveable`` (matmul outputs kept).
+      layer_loop: ``scan`` (one compiled block for all layers) or ``unrolled`` (a Python loop over
+        the same stacked parameters; longer compile; with ``split_layers`` parameters, as
+        ``generate`` passes its decode steps, no per-layer weight copies).
+      scan_unroll: layers per ``scan`` iteration (``lax.scan``'s ``unroll``).
     """
 
     vocab_size: int = 49152
@@ -47,9 +61,12 @@ class LlamaConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention: str = "auto"
-    remat: bool = False
+    remat: bool | str = False
+    layer_loop: str = "scan"
+    scan_unroll: int = 1
 
     def __post_init__(self):
+        check_layer_loop(self.layer_loop, self.scan_unroll, self.remat)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff"):
@@ -71,6 +88,13 @@ class LlamaConfig:
         block = attn_p + 3 * d * f + 2 * d
         out = 0 if self.tie_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.n_layers * block + d + out
+
+    def matmul_params(self) -> int:
+        """Parameters each token is multiplied by (every projection and the output layer, tied or
+        not): ``N_matmul`` of :func:`jaxtok.train.flops.model_flops_per_token`."""
+        d = self.d_model
+        attn_p = d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        return self.n_layers * (attn_p + 3 * d * self.d_ff) + self.vocab_size * d
 
 
 PRESETS: dict[str, LlamaConfig] = {
@@ -195,12 +219,7 @@ class Llama(nn.Module):
         self.embedding = self.param(
             "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
             (cfg.vocab_size, cfg.d_model), cfg.storage_dtype)
-        block = nn.remat(Block) if cfg.remat else Block
-        self.blocks = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="blocks")
+        self.blocks = scanned_blocks(Block, cfg)
         self.final_norm = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.storage_dtype)
         if not cfg.tie_embeddings:
             self.lm_head = self.param(
@@ -230,7 +249,8 @@ class Llama(nn.Module):
             cache, dt)
         t = x.shape[1]
         end = None if cache is None else cache.end
-        x, new_layer_caches = self.blocks(x, layer_caches, positions, segment_ids, cache_positions, end)
+        x, new_layer_caches = run_layers(self.blocks, Block, cfg, x, layer_caches, positions, segment_ids,
+                                         cache_positions, end)
         x = self.final_norm(x)
         new_cache = None
         if cache is not None:

@@ -28,7 +28,7 @@ from flax import linen as nn
 
 from jaxtok.models.llama import KVCache, LMOutput, prepare_inputs
 from jaxtok.nn import attention as attn
-from jaxtok.nn.layers import LayerNorm, matmul, rotary_embedding
+from jaxtok.nn.layers import LayerNorm, check_layer_loop, matmul, rotary_embedding, run_layers, scanned_blocks
 from jaxtok.nn.pattention import NORMALIZATIONS, Pattention, default_tau
 from jaxtok.sharding import constrain
 
@@ -70,7 +70,10 @@ class TokenFormerConfig:
       init_std: std of embeddings and key tokens; value tokens use ``value_init_std``.
       dtype: compute dtype; param_dtype: storage dtype of parameters.
       attention: implementation behind the attention entry point.
-      remat: rematerialise each block in the backward pass.
+      remat: rematerialisation in the backward pass: ``none`` (or False), ``full`` (or True),
+        ``dots_saveable`` (matmul outputs kept), as in ``LlamaConfig``.
+      layer_loop: ``scan`` or ``unrolled`` (same parameter layout), as in ``LlamaConfig``.
+      scan_unroll: layers per ``scan`` iteration.
     """
 
     vocab_size: int = 49152
@@ -95,9 +98,12 @@ class TokenFormerConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention: str = "auto"
-    remat: bool = False
+    remat: bool | str = False
+    layer_loop: str = "scan"
+    scan_unroll: int = 1
 
     def __post_init__(self):
+        check_layer_loop(self.layer_loop, self.scan_unroll, self.remat)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "qkv_tokens", "proj_tokens",
                      "ffn_tokens"):
             if getattr(self, name) <= 0:
@@ -164,6 +170,12 @@ class TokenFormerConfig:
         final = 2 * d if self.final_norm_scale else 0
         out = 0 if self.tie_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.n_layers * block + final + out
+
+    def matmul_params(self) -> int:
+        """Parameters each token is multiplied by (every Pattention's key and value tokens and the
+        output layer): ``N_matmul`` of :func:`jaxtok.train.flops.model_flops_per_token`."""
+        block = (3 * self.qkv_tokens + self.proj_tokens + self.ffn_tokens) * 2 * self.d_model
+        return self.n_layers * block + self.vocab_size * self.d_model
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward matmul FLOPs per token (multiply-add = 2) at context length ``seq_len``.
@@ -256,12 +268,7 @@ class TokenFormer(nn.Module):
                                                   ("vocab", "embed"))
         self.embedding = self.param("embedding", table_init, (cfg.vocab_size, cfg.d_model),
                                     cfg.storage_dtype)
-        block = nn.remat(Block) if cfg.remat else Block
-        self.blocks = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="blocks")
+        self.blocks = scanned_blocks(Block, cfg)
         self.final_norm = LayerNorm(cfg.norm_eps, use_scale=cfg.final_norm_scale,
                                     dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype)
         if not cfg.tie_embeddings:
@@ -280,7 +287,9 @@ class TokenFormer(nn.Module):
         output_embeddings: jax.Array | None = None,
         return_hidden: bool = False,
         compute_logits: bool = True,
+        last_logits_only: bool = False,
     ) -> LMOutput:
+        """``last_logits_only``: logits (B, 1, V) of the last position only (as in Llama)."""
         cfg = self.config
         dt = cfg.compute_dtype
         x, positions, cache_positions, layer_caches = prepare_inputs(
@@ -288,8 +297,8 @@ class TokenFormer(nn.Module):
             cache, dt)
         t = x.shape[1]
         end = None if cache is None else cache.end
-        x, new_layer_caches = self.blocks(x, layer_caches, positions, segment_ids,
-                                          cache_positions, end)
+        x, new_layer_caches = run_layers(self.blocks, Block, cfg, x, layer_caches, positions,
+                                         segment_ids, cache_positions, end)
         x = self.final_norm(x)
         new_cache = None
         if cache is not None:
@@ -301,7 +310,8 @@ class TokenFormer(nn.Module):
                 out_table = output_embeddings
             else:
                 out_table = self.embedding if cfg.tie_embeddings else self.lm_head
-            logits = matmul("btd,vd->btv", x, out_table, dt).astype(jnp.float32)
+            last = x[:, -1:] if last_logits_only else x
+            logits = matmul("btd,vd->btv", last, out_table, dt).astype(jnp.float32)
             logits = constrain(logits, ("batch", "length", "vocab"))
         return LMOutput(logits=logits, hidden=x if return_hidden else None, cache=new_cache)
 

@@ -18,6 +18,8 @@ import enum
 import jax
 import jax.numpy as jnp
 
+from jaxtok.nn.layers import matmul
+
 # Finite, so fully-masked rows (padding queries) give a uniform average instead of NaN.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -51,11 +53,12 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     # key/value head, keys last: both products are then plain row-major matrix products (about
     # 2x faster on CPU than (G, T, S) scores, which need the probabilities transposed).
     q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, d)  # (B, K, T*G, D)
-    scores = jnp.einsum("bkqd,bskd->bkqs", q, k, preferred_element_type=jnp.float32) * scale
+    # float32 scores and outputs; 16-bit operands in both directions (``matmul``)
+    scores = matmul("bkqd,bskd->bkqs", q, k, q.dtype, jnp.float32) * scale
     scores = scores.reshape(b, kv_heads, t, g, s)  # (B, K, T, G, S)
     scores = jnp.where(mask[:, None, :, None, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, t * g, s)
-    out = jnp.einsum("bkqs,bskd->bkqd", probs, v, preferred_element_type=jnp.float32)  # (B, K, T*G, Dv)
+    out = matmul("bkqs,bskd->bkqd", probs, v, v.dtype, jnp.float32)  # (B, K, T*G, Dv)
     out = out.reshape(b, kv_heads, t, g, v.shape[-1]).transpose(0, 2, 1, 3, 4)  # (B, T, K, G, Dv)
     return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxtok.nn.layers import param_with_axes
+from jaxtok.nn.layers import matmul, param_with_axes
 from jaxtok.sharding import constrain
 
 Dtype = Any
@@ -95,13 +95,12 @@ def pattention(
     if keys.shape[0] != values.shape[0]:
         raise ValueError(f"{keys.shape[0]} key tokens but {values.shape[0]} value tokens")
     tau = default_tau(n, normalization) if tau is None else tau
-    scores = jnp.einsum("...d,nd->...n", x.astype(dtype), keys.astype(dtype),
-                        preferred_element_type=jnp.float32)  # (..., n)
+    lead = "abcfghijklmopqrstuvwxyz"[:x.ndim - 1]  # x's leading axes, spelled out (no ellipsis)
+    scores = matmul(f"{lead}d,nd->{lead}n", x, keys, dtype, jnp.float32)  # (..., n)
     if x_axes is not None:
         scores = constrain(scores, (*tuple(x_axes)[:-1], "param_tokens"))
     weights = normalize_scores(scores, normalization, tau, eps).astype(dtype)
-    out = jnp.einsum("...n,ne->...e", weights, values.astype(dtype),
-                     preferred_element_type=jnp.float32)  # (..., d_out)
+    out = matmul(f"{lead}n,ne->{lead}e", weights, values, dtype, jnp.float32)  # (..., d_out)
     if out_axes is not None:
         # Pins the reduction over the sharded tokens to a known layout. Without it, XLA (jax
         # 0.10.2, CPU, GSPMD and Shardy alike) miscompiles values sharded (tensor, fsdp) whose
