@@ -11,7 +11,7 @@ vs training the large model from scratch at a fixed FLOPs budget.
     at or below the scratch model's final bits per byte (or its last one). Grown twice from the
     same small checkpoint: ``zero`` (the issue's mode) and ``zero_keys`` (see train/grow.py).
 
-FLOPs: training only, 3 x ``flops_per_token(seq_len)`` x tokens (forward + backward, the
+FLOPs: training only, ``jaxtok.train.flops.model_flops_per_token`` x tokens (forward + backward, the
 configs' count); evaluation FLOPs are excluded. The last line is the ``RESULT`` line.
 """
 
@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 
 from jaxtok.train import configs, grow, pretrain
+from jaxtok.train.flops import model_flops_per_token
 from jaxtok.train.observe import METRICS_FILE, read_metrics
 
 SMALL = dict(qkv_tokens=64, proj_tokens=64, ffn_tokens=256)
@@ -64,14 +65,6 @@ def train(config: configs.ExperimentConfig, tokenizer: Path | None) -> Path:
 def model_config(config: configs.ExperimentConfig, run_dir: Path):
     tokenizer = pretrain.prepare_tokenizer(config, run_dir)
     return pretrain.build_task(config, tokenizer)[2]
-
-
-def llama_flops_per_token(cfg, seq_len: int) -> int:
-    """Forward matmul FLOPs per token, counted as TokenFormerConfig.flops_per_token counts them."""
-    attn = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)  # q, o, k, v
-    mlp = 3 * cfg.d_model * cfg.d_ff
-    per_layer = 2 * (attn + mlp) + 4 * seq_len * cfg.n_heads * cfg.head_dim  # + QK^T and AV
-    return cfg.n_layers * per_layer + 2 * cfg.d_model * cfg.vocab_size
 
 
 def curve(run_dir: Path, flops_per_step: float, offset: float = 0.0) -> list[tuple[float, float, int]]:
@@ -122,9 +115,9 @@ def run_benchmark(out: Path, steps: int, plot_path: Path) -> dict:
 
     large, small = model_config(tf_cfg, out / "tokenformer"), model_config(small_cfg, out / "small")
     llama = model_config(llama_cfg, out / "llama")
-    per_step = {name: 3 * fpt * tokens_per_step for name, fpt in (
-        ("large", large.flops_per_token(seq)), ("small", small.flops_per_token(seq)),
-        ("llama", llama_flops_per_token(llama, seq)))}
+    # one count for both families (jaxtok.train.flops: training = 3 x forward)
+    per_step = {name: model_flops_per_token(cfg, seq) * tokens_per_step
+                for name, cfg in (("large", large), ("small", small), ("llama", llama))}
     budget = per_step["large"] * steps
     small_flops = per_step["small"] * small_steps
     grown_steps = int((budget - small_flops) // per_step["large"])

@@ -19,6 +19,7 @@ from jaxtok.models.growth import grow_params, grown_config
 from jaxtok.models.llama import KVCache, LMOutput
 from jaxtok.models.tokenformer import PRESETS, TokenFormer, TokenFormerConfig, init_params
 from jaxtok.nn.pattention import NORMALIZATIONS, Pattention, default_tau, pattention
+from jaxtok.train.flops import model_flops_per_token
 
 TINY = PRESETS["tokenformer-tiny"]
 
@@ -174,9 +175,10 @@ def test_num_params_and_flops():
     variant = TokenFormerConfig(**_tiny_kwargs(), tie_embeddings=False, final_norm_scale=False)
     abstract = jax.eval_shape(lambda: nn.unbox(init_params(variant, jax.random.key(0))))
     assert sum(x.size for x in jax.tree.leaves(abstract)) == variant.num_params()
-    # per layer: Pattention 2·(3·768 + 768 + 3072)·2·768, attention 4·2048·768; logits 2·768·49152
+    # forward, by hand: per layer Pattention 2·(3·768 + 768 + 3072)·2·768, attention 4·2048·768;
+    # logits 2·768·49152 (the count every family shares, jaxtok.train.flops)
     per_layer = 2 * 6144 * 1536 + 4 * 2048 * 768
-    assert cfg.flops_per_token(2048) == 12 * per_layer + 2 * 768 * 49152
+    assert model_flops_per_token(cfg, 2048, training=False) == 12 * per_layer + 2 * 768 * 49152
 
 
 def test_forward_shapes_and_output_type(tiny_params):

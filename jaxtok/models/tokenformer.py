@@ -177,22 +177,6 @@ class TokenFormerConfig:
         block = (3 * self.qkv_tokens + self.proj_tokens + self.ffn_tokens) * 2 * self.d_model
         return self.n_layers * block + self.vocab_size * self.d_model
 
-    def flops_per_token(self, seq_len: int) -> int:
-        """Forward matmul FLOPs per token (multiply-add = 2) at context length ``seq_len``.
-
-        * Pattention: scores 2·n·d_in plus mixing 2·n·d_out, i.e. 2 x its parameter count, for
-          query/key/value/proj/ffn of every layer;
-        * token-token attention: QKᵀ and AV, 2·seq_len·d_model each, per layer, counted over the
-          full context (no causal halving, the Kaplan/PaLM convention);
-        * output logits: 2·d_model·vocab.
-        Normalisations, rotary and the embedding lookup are not counted. The trainer's
-        6N-style training count is 3 x this (backward = 2 x forward).
-        """
-        d = self.d_model
-        pattention = 2 * (3 * self.qkv_tokens + self.proj_tokens + self.ffn_tokens) * 2 * d
-        attention = 2 * 2 * seq_len * d
-        return self.n_layers * (pattention + attention) + 2 * d * self.vocab_size
-
 
 PRESETS: dict[str, TokenFormerConfig] = {
     # Haiyang-W/TokenFormer configs/tokenformer/150M_train_pile.yml (vocab configurable)
