@@ -109,8 +109,9 @@ def _generate(model, decode_model, params, tokens, positions, rng, *, max_new_to
 
 
 # Layer loop per use, picked by measurement (benchmarks/smollm2_forward.py --compare-loops; None =
-# the config's): unrolled decoding reads per-layer weights split once per call (1.4-1.8x faster steps
-# on CPU for SmolLM2, ~10-25 s more compile); prefill stays scan (unrolled was slower there).
+# the config's): unrolled decoding reads per-layer weights split once per call, so no step copies a
+# layer's weights out of the stack (SmolLM2 on CPU: as fast as scan on a quiet machine, 1.4-1.8x
+# faster under load, ~6 s more compile); prefill stays scan (unrolled was slower there).
 PREFILL_LAYER_LOOP: str | None = None
 DECODE_LAYER_LOOP: str | None = "unrolled"
 
