@@ -7,6 +7,7 @@ import functools
 
 import chex
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -141,3 +142,36 @@ def test_unknown_loop_settings_fail_early(field, value):
     for mod, _, preset in FAMILIES.values():
         with pytest.raises(ValueError, match=field):
             dataclasses.replace(mod.PRESETS[preset], **{field: value})
+
+
+def _primitive_counts(jaxpr) -> dict[str, int]:
+    """Primitive name -> count over a closed jaxpr and every sub-jaxpr (scan/while/pjit/remat)."""
+    counts: dict[str, int] = {}
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return counts
+
+
+@pytest.mark.parametrize("loop", ["scan", "unrolled"])
+def test_loop_choice_reaches_the_compiled_program(family, loop):
+    """``unrolled`` really is a straight-line program (no scan over layers, one copy of each
+    layer's matmuls per layer), forward and backward; ``scan`` keeps the layers in one scan."""
+    cls, config, params, tokens = family
+    other = dataclasses.replace(config, layer_loop=loop)
+    jaxpr = jax.make_jaxpr(jax.grad(_loss_fn(cls, other, tokens)))(params)
+    counts = _primitive_counts(jaxpr)
+    if loop == "unrolled":
+        assert counts.get("scan", 0) == 0, counts
+    else:
+        assert counts.get("scan", 0) >= 2, counts  # forward and backward scans over the layers
+    # the stacked layer matmuls are as many in the program as their loop writes them
+    dots = counts.get("dot_general", 0)
+    ref = _primitive_counts(jax.make_jaxpr(jax.grad(_loss_fn(cls, dataclasses.replace(config, layer_loop="scan"), tokens)))(params))
+    if loop == "unrolled":
+        assert dots > ref.get("dot_general", 0), (dots, ref.get("dot_general", 0))
