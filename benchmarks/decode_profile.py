@@ -55,6 +55,25 @@ def product_names(hlo: str) -> dict[str, str]:
     return out
 
 
+def op_times(run, names: dict[str, str], steps: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Runs ``run()`` ``steps`` times under the profiler: (ms per step, calls) per op group, the
+    products named by ``names`` (see :func:`product_names`), the rest by their fusion kind."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(steps):
+                run()
+        events = thunk_events(trace_dir)
+    groups: dict[str, float] = collections.Counter()
+    counts: dict[str, int] = collections.Counter()
+    for e in events:
+        base = re.sub(r"\.\d+$", "", e["name"])
+        key = f"product {names[e['name']]}" if e["name"] in names else base
+        key = "products without metadata" if key.startswith(("ynn_fusion", "dot")) else key
+        groups[key] += e["dur"] / steps / 1e3
+        counts[key] += 1
+    return groups, counts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
@@ -77,20 +96,12 @@ def main() -> None:
     names = product_names(step.lower(params, token, cache).compile().as_text())
     for _ in range(3):
         _, cache = jax.block_until_ready(step(params, token, cache))
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(args.steps):
-                _, cache = jax.block_until_ready(step(params, token, cache))
-        events = thunk_events(trace_dir)
 
-    groups: dict[str, float] = collections.Counter()
-    counts: dict[str, int] = collections.Counter()
-    for e in events:
-        base = re.sub(r"\.\d+$", "", e["name"])
-        key = f"product {names[e['name']]}" if e["name"] in names else base
-        key = "attention products (no metadata)" if key == "ynn_fusion" else key
-        groups[key] += e["dur"] / args.steps / 1e3
-        counts[key] += 1
+    def run():
+        nonlocal cache
+        _, cache = jax.block_until_ready(step(params, token, cache))
+
+    groups, counts = op_times(run, names, args.steps)
     total = sum(groups.values())
     itemsize = jnp.dtype(args.dtype).itemsize
     weight_bytes = {  # per call of each named product: the weight it reads

@@ -327,6 +327,24 @@ def run_dtype(dtype: str, torch, base_config, opt: OptimizerConfig, batch, args)
     return row
 
 
+def profile_step(dtype: str, base_config, opt: OptimizerConfig, batch, args, top: int = 14) -> None:
+    """jaxtok's train step op by op (benchmarks/decode_profile.py's thunk trace): where the time
+    goes besides the matrix products."""
+    from decode_profile import op_times, product_names
+
+    jx = JaxSide(dataclasses.replace(base_config, dtype=dtype, param_dtype="float32"), opt, batch, args.seed)
+    with jax.set_mesh(jx.trainer.mesh):
+        hlo = jx.trainer._train_step.lower(jx.state, jx.batch).compile().as_text()
+    jx.run(2)
+    groups, counts = op_times(lambda: jx.run(1), product_names(hlo), 5)
+    total = sum(groups.values())
+    products = sum(ms for key, ms in groups.items() if key.startswith("product"))
+    print(f"\n{dtype} train step op by op: {total:.1f} ms of thunks per step, matrix products "
+          f"{products:.1f} ms ({products / total:.0%})")
+    for key, ms in sorted(groups.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{ms:8.2f} ms {ms / total:6.1%} {counts[key] / 5:6.0f} calls  {key[:90]}")
+
+
 def parse_option(text: str) -> dict:
     """``loop[:unroll][+remat]`` -> LlamaConfig fields (``scan:2``, ``unrolled+dots_saveable``)."""
     loop, _, remat = text.partition("+")
@@ -469,6 +487,8 @@ def main(argv=None) -> int:
                         "scan,unrolled,scan:2,unrolled+dots_saveable")
     p.add_argument("--matmul-repro", action="store_true",
                    help="also time the step's matmul shapes alone, jax against torch")
+    p.add_argument("--profile", action="store_true",
+                   help="also print jaxtok's step op by op (XLA:CPU thunk trace) per dtype")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -529,6 +549,9 @@ def main(argv=None) -> int:
         print_options(dtype, opt_rows, tokens, flops_per_token, rows[dtype]["peak"])
     if args.matmul_repro:
         matmul_repro(torch, tokens, base_config)
+    if args.profile:
+        for dtype in dtypes:
+            profile_step(dtype, base_config, opt, batch, args)
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
 
     def get(dtype, fn, fmt):
