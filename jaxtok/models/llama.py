@@ -159,7 +159,9 @@ class Block(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, segment_ids, cache_positions, cache_end):
+    def __call__(self, x, layer_cache, positions, masking, cache_positions, cache_end):
+        # masking = (segment_ids, visibility): one broadcast slot of the layer scan for both
+        segment_ids, visibility = masking
         cfg = self.config
         dt, pdt = cfg.compute_dtype, cfg.storage_dtype
         h = RMSNorm(cfg.rms_eps, dt, pdt, name="attn_norm")(x)
@@ -186,7 +188,7 @@ class Block(nn.Module):
         out = attn.dot_product_attention(
             q, k.astype(dt), v.astype(dt), q_positions=positions, k_positions=k_positions,
             q_segment_ids=segment_ids if k_segments is not None else None, k_segment_ids=k_segments,
-            causal=True, impl=attn.AttentionImpl(cfg.attention))
+            causal=True, impl=attn.AttentionImpl(cfg.attention), visibility=visibility)
         out = DenseGeneral((cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"),
                            "bthk,hkd->btd", name="o", **dense)(out)
         x = constrain(x + out, ("batch", "length", "embed"))
@@ -210,6 +212,8 @@ class Llama(nn.Module):
     ``input_embeddings`` / ``output_embeddings`` (V', D) replace the model's own matrices for
     this call: tokenizer transfer feeds predicted embeddings through here.
     Positions default to 0..T-1; ``segment_ids`` (0 = padding) keep packed documents apart.
+    ``visibility`` (:class:`jaxtok.nn.attention.Visibility`) goes to every layer's attention: a
+    draft tree verified against the cache (speculative decoding) or selected key slots.
     """
 
     config: LlamaConfig
@@ -239,6 +243,7 @@ class Llama(nn.Module):
         return_hidden: bool = False,
         compute_logits: bool = True,
         last_logits_only: bool = False,
+        visibility: attn.Visibility | None = None,
     ) -> LMOutput:
         """``last_logits_only`` returns logits (B, 1, V) of the last position only, all that
         generation needs after a prefill (the output layer is ~20% of a 512-token prefill)."""
@@ -249,8 +254,8 @@ class Llama(nn.Module):
             cache, dt)
         t = x.shape[1]
         end = None if cache is None else cache.end
-        x, new_layer_caches = run_layers(self.blocks, Block, cfg, x, layer_caches, positions, segment_ids,
-                                         cache_positions, end)
+        x, new_layer_caches = run_layers(self.blocks, Block, cfg, x, layer_caches, positions,
+                                         (segment_ids, visibility), cache_positions, end)
         x = self.final_norm(x)
         new_cache = None
         if cache is not None:
