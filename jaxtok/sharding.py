@@ -32,6 +32,9 @@ PARAM_RULES: Rules = (
     ("mlp", "tensor"),
     ("param_tokens", "tensor"),
     ("state", None),
+    ("inner", "tensor"),  # Mamba's expanded channels (d_inner)
+    ("groups", None),  # Mamba-2's B/C groups (few; replicated)
+    ("conv", None),  # conv taps
     ("layers", None),
     ("pos", None),
     ("norm", None),
@@ -49,6 +52,7 @@ ACTIVATION_RULES: Rules = (
     ("vocab", "tensor"),
     ("param_tokens", "tensor"),
     ("state", None),
+    ("inner", "tensor"),
 )
 
 

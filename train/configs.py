@@ -6,6 +6,7 @@ Presets (``jaxtok pretrain --config NAME``):
   (vocab 4096) trained on that corpus; ~5 minutes on a 2-core CPU, loss falling from ~8.3.
 * ``tiny``: seconds; for tests and the notebook.
 * ``tokenformer-tiny``: the tiny run with a TokenFormer instead of a Llama.
+* ``mamba-tiny`` / ``mamba2-tiny``: the tiny run with a Mamba-1 / Mamba-2 LM.
 * ``smollm2-continue``: continued pretraining of SmolLM2-135M with its own tokenizer.
 
 Overrides are dotted keys parsed by the field's type: ``steps=50``, ``optimizer.lr=1e-3``,
@@ -33,7 +34,7 @@ from flax import linen as nn
 
 from jaxtok.data import DataConfig
 from jaxtok.io.cache import cache_dir
-from jaxtok.models import llama, tokenformer
+from jaxtok.models import llama, mamba, tokenformer
 from jaxtok.sharding import parse_mesh_shape
 
 from .trainer import OptimizerConfig
@@ -50,16 +51,26 @@ DERIVED_MODEL_FIELDS = frozenset({"vocab_size", "dtype", "param_dtype"})
 
 @dataclasses.dataclass(frozen=True)
 class ModelFamily:
-    """How to build one family's model: its config class, presets and flax module."""
+    """How to build one family's model: its config class, presets and flax module, and what
+    trains it.
+
+    Attributes:
+      data: the data pipeline that feeds it (``text``: packed token batches from
+        :mod:`jaxtok.data`; volume or byte families name their own).
+      objective: what it is trained on (``next_token``: ``lm_task``'s cross-entropy).
+    """
 
     config_cls: type
     presets: Mapping[str, Any]
     module_cls: Callable[..., nn.Module]
+    data: str = "text"
+    objective: str = "next_token"
 
 
 MODEL_FAMILIES: dict[str, ModelFamily] = {
     "llama": ModelFamily(llama.LlamaConfig, llama.PRESETS, llama.Llama),
     "tokenformer": ModelFamily(tokenformer.TokenFormerConfig, tokenformer.PRESETS, tokenformer.TokenFormer),
+    "mamba": ModelFamily(mamba.MambaConfig, mamba.PRESETS, mamba.Mamba, data="text", objective="next_token"),
 }
 
 
@@ -90,7 +101,8 @@ class ExperimentConfig:
       name: label of the run.
       model: model preset (``llama-tiny``, ``tokenformer-tiny``, ``smollm2-135m`` ...).
       model_overrides: fields replaced on the preset (``model.KEY=VALUE``).
-      pretrained: start from this pretrained LM's weights (``load_pretrained_lm`` name).
+      pretrained: start from this pretrained LM's weights (``load_pretrained_lm`` name, or the
+        path of a Hugging Face model folder, e.g. ``jaxtok transfer`` output, or a run directory).
       tokenizer: ``bpe`` (train a byte-level BPE on the training split), ``pretrained`` (the
         pretrained model's) or the path of a ``tokenizer.json``. A run reuses the
         ``tokenizer.json`` already in its run directory.
@@ -214,11 +226,23 @@ def smollm2_continue() -> ExperimentConfig:
     )
 
 
+def mamba_tiny() -> ExperimentConfig:
+    """The tiny run with a Mamba-1 LM (selective scan): ``jaxtok pretrain --config mamba-tiny``."""
+    return dataclasses.replace(tiny(), name="mamba-tiny", model="mamba-tiny", run_dir="runs/mamba-tiny")
+
+
+def mamba2_tiny() -> ExperimentConfig:
+    """The tiny run with a Mamba-2 LM (SSD): ``jaxtok pretrain --config mamba2-tiny``."""
+    return dataclasses.replace(tiny(), name="mamba2-tiny", model="mamba2-tiny", run_dir="runs/mamba2-tiny")
+
+
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "default": default,
     "tiny": tiny,
     "tokenformer-tiny": tokenformer_tiny,
     "smollm2-continue": smollm2_continue,
+    "mamba-tiny": mamba_tiny,
+    "mamba2-tiny": mamba2_tiny,
 }
 
 

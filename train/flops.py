@@ -12,6 +12,9 @@ The count is the same for every model family, from its config (PaLM's appendix B
 * ``4 · L · W · T``: the two attention products (QKᵀ and AV, 2 · T · W each) of each of the L
   layers (``config.n_layers``), W = ``config.n_heads * config.head_dim`` the query width and T
   the context length, counted over the full context (no causal halving, as PaLM and Kaplan do).
+* State-space families (Mamba) replace the attention term by ``config.mixer_flops_per_token``:
+  the recurrence's three products per state element (dt·x ⊗ B, the decay multiply-add, C·h),
+  ``6 · L · d_inner · d_state``, independent of T; conv taps count as matmul parameters.
 * backward = 2 x forward (a product's two transposed products), hence training = 3 x forward.
   Recomputation under remat is *not* counted: MFU counts the model's FLOPs, not the hardware's.
 
@@ -75,7 +78,11 @@ class FlopsConfig(Protocol):
 
 def model_flops_per_token(config: FlopsConfig, seq_len: int, *, training: bool = True) -> float:
     """FLOPs per token (formula in the module docstring); ``training=False`` gives the forward."""
-    forward = 2 * config.matmul_params() + 4 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    mixer = getattr(config, "mixer_flops_per_token", None)  # families without attention (Mamba)
+    if mixer is not None:
+        forward = 2 * config.matmul_params() + mixer(seq_len)
+    else:
+        forward = 2 * config.matmul_params() + 4 * config.n_layers * config.n_heads * config.head_dim * seq_len
     return float(3 * forward if training else forward)
 
 

@@ -64,8 +64,17 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16):
     return tokens, positions
 
 
-def _grow(cache: KVCache, extra: int) -> KVCache:
-    """``cache`` with ``extra`` empty slots appended."""
+def _new_cache(model, batch: int, length: int):
+    """The family's empty cache: ``model.init_cache(batch, length)`` where the family defines one
+    (Mamba: a fixed-size recurrent state), else a :class:`KVCache` of ``length`` slots."""
+    make = getattr(model, "init_cache", None)
+    return make(batch, length) if make is not None else KVCache.create(model.config, batch, length)
+
+
+def _grow(cache: Any, extra: int) -> Any:
+    """``cache`` with room for ``extra`` more tokens (a cache other than KVCache grows itself)."""
+    if not isinstance(cache, KVCache):
+        return cache.grow(extra)
     pad = [(0, 0)] * cache.k.ndim
     pad[2] = (0, extra)  # (L, B, S, K, D)
     return cache.replace(k=jnp.pad(cache.k, pad), v=jnp.pad(cache.v, pad),
@@ -77,7 +86,7 @@ def _generate(model, decode_model, params, tokens, positions, rng, *, max_new_to
     batch, prompt_len = tokens.shape
     # The prompt attends to a cache of its own length (not to the empty slots of the new tokens),
     # which then grows by max_new_tokens empty slots (position -1) for decoding.
-    cache = KVCache.create(model.config, batch, prompt_len)
+    cache = _new_cache(model, batch, prompt_len)
     out = model.apply({"params": params}, tokens, positions=positions, cache=cache, last_logits_only=True)
     cache = _grow(out.cache, max_new_tokens)
     next_pos = positions[:, -1] + 1
@@ -135,7 +144,8 @@ def _skip_float_normalization(model, params) -> bool:
     devices = leaf.devices() if isinstance(leaf, jax.Array) else ()
     platform = next(iter(devices)).platform if devices else jax.default_backend()
     config = model.config
-    return platform == "cpu" and jnp.finfo(config.compute_dtype).bits < 32 and config.attention != "xla"
+    low_precision = jnp.finfo(config.compute_dtype).bits < 32
+    return platform == "cpu" and low_precision and getattr(config, "attention", None) != "xla"
 
 
 def with_layer_loop(model: Any, layer_loop: str | None) -> Any:
