@@ -104,10 +104,11 @@ def main() -> None:
     groups, counts = op_times(run, names, args.steps)
     total = sum(groups.values())
     itemsize = jnp.dtype(args.dtype).itemsize
+    attn_q = config.d_model * config.n_heads * config.head_dim
+    attn_kv = config.d_model * config.n_kv_heads * config.head_dim
+    mlp = config.d_model * config.d_ff
     weight_bytes = {  # per call of each named product: the weight it reads
-        "q": config.d_model * config.n_heads * config.head_dim, "o": config.d_model * config.n_heads * config.head_dim,
-        "k": config.d_model * config.n_kv_heads * config.head_dim, "v": config.d_model * config.n_kv_heads * config.head_dim,
-        "gate": config.d_model * config.d_ff, "up": config.d_model * config.d_ff, "down": config.d_model * config.d_ff,
+        "q": attn_q, "o": attn_q, "k": attn_kv, "v": attn_kv, "gate": mlp, "up": mlp, "down": mlp,
         "Llama btd,vd->btv": config.d_model * config.vocab_size}
     print(f"\n{args.dtype} decode step, cache {args.cache_len} slots: {total:.2f} ms of thunks per step "
           f"(read roof {bandwidth / 1e9:.1f} GB/s)")

@@ -94,7 +94,7 @@ class JaxSide:
         """Seconds to lower and compile the train step, and its ``memory_analysis()``."""
         start = time.perf_counter()
         with jax.set_mesh(self.trainer.mesh):
-            compiled = self.trainer._train_step.lower(self.state, self.batch).compile()
+            compiled = self.trainer._train_step.lower(self.state, self.batch, None).compile()
         return time.perf_counter() - start, compiled.memory_analysis()
 
     def params(self) -> dict:
@@ -334,7 +334,7 @@ def profile_step(dtype: str, base_config, opt: OptimizerConfig, batch, args, top
 
     jx = JaxSide(dataclasses.replace(base_config, dtype=dtype, param_dtype="float32"), opt, batch, args.seed)
     with jax.set_mesh(jx.trainer.mesh):
-        hlo = jx.trainer._train_step.lower(jx.state, jx.batch).compile().as_text()
+        hlo = jx.trainer._train_step.lower(jx.state, jx.batch, None).compile().as_text()
     jx.run(2)
     groups, counts = op_times(lambda: jx.run(1), product_names(hlo), 5)
     total = sum(groups.values())

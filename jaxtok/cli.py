@@ -4,7 +4,10 @@
   jaxtok eval-bpb --model smollm2-135m --text FILE
   jaxtok generate --model smollm2-135m --prompt "Hello"
   jaxtok pretrain [--config NAME] [--set key=value ...] [--mesh data=2,fsdp=2] [--run-dir DIR] [--resume]
+  jaxtok train-hypernet [--model smollm2-135m] [--config smollm2|tiny] [--set key=value ...] [--resume]
   jaxtok grow --from RUN_DIR --to NEW_RUN_DIR --set model.ffn_tokens=N [--mode zero|random] [--steps N]
+  jaxtok train-tokenizer --text FILE... --kind bpe|unigram --vocab-size N [--base MODEL] --out NEW.json
+  jaxtok transfer --model smollm2-135m --tokenizer NEW.json --method fvt --out DIR [--donor RUN_DIR]
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ def sample_text() -> str:
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="pretrained model name")
     parser.add_argument("--model-path", default=None,
-                        help="local model file, wheel or folder (default: cached download)")
+                        help="local model file, wheel or folder, a Hugging Face model folder or a "
+                             "`jaxtok pretrain` run directory (default: cached download)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
 
 
@@ -42,9 +46,9 @@ def _load(args):
 
 def _eval_bpb(loaded, text: str, window: int, stride: int | None, batch_size: int):
     from jaxtok.evaluate import evaluate_bpb
-    from jaxtok.models.llama import Llama
+    from jaxtok.models.registry import module_for
 
-    model = Llama(loaded.config)
+    model = module_for(loaded.config)
 
     def apply(params, tokens, positions):
         return model.apply({"params": params}, tokens, positions=positions).logits
@@ -58,12 +62,12 @@ def _generate(loaded, prompt: str, chat: bool, max_new_tokens: int, temperature:
     import jax
 
     from jaxtok.decode.generate import SamplingConfig, generate
-    from jaxtok.models.llama import Llama
+    from jaxtok.models.registry import module_for
 
     tok = loaded.tokenizer
     if chat and tok.chat_template is not None:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
-    ids = generate(Llama(loaded.config), loaded.params, [tok.encode(prompt)],
+    ids = generate(module_for(loaded.config), loaded.params, [tok.encode(prompt)],
                    max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
                    sampling=SamplingConfig(temperature, top_k, top_p), rng=jax.random.key(seed))
     return tok.decode(ids[0])
@@ -76,8 +80,33 @@ def cmd_eval_bpb(args) -> int:
     return 0
 
 
+def _speculative(loaded, args) -> int:
+    """``generate --speculative``: the continuation, then a RESULT line (timing on stderr)."""
+    import jax
+
+    from jaxtok.decode.generate import SamplingConfig
+    from jaxtok.decode.speculative import decode_with, result_line
+    from jaxtok.models.llama import Llama
+
+    tok = loaded.tokenizer
+    prompt = args.prompt
+    if not args.raw and tok.chat_template is not None:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+    result, seconds = decode_with(
+        args.speculative, Llama(loaded.config), loaded.params, tok.encode(prompt), max_new_tokens=args.max_new_tokens,
+        eos_id=tok.eos_id, pad_id=tok.pad_id, sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
+        rng=jax.random.key(args.seed), tree=args.tree)
+    print(f"{args.speculative}: {len(result.tokens)} tokens in {seconds:.2f}s (compilation included), "
+          f"{result.forward_passes} verification passes", file=sys.stderr)
+    print(tok.decode(result.tokens))
+    print(result_line(result, seconds))
+    return 0
+
+
 def cmd_generate(args) -> int:
     loaded = _load(args)
+    if args.speculative is not None:
+        return _speculative(loaded, args)
     print(_generate(loaded, args.prompt, not args.raw, args.max_new_tokens, args.temperature,
                     args.top_k, args.top_p, args.seed))
     return 0
@@ -103,10 +132,51 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_train_hypernet(args) -> int:
+    import dataclasses
+
+    from jaxtok.train import hypernet, pretrain
+
+    config = hypernet.apply_overrides(hypernet.get_experiment(args.config), args.set)
+    extra = {"model": args.model, "model_path": args.model_path}
+    extra.update({k: v for k, v in (("mesh", args.mesh), ("run_dir", args.run_dir)) if v is not None})
+    config = dataclasses.replace(config, **extra)
+    pretrain.enable_compilation_cache()
+    hypernet.run(config, resume=args.resume)
+    return 0
+
+
 def cmd_grow(args) -> int:
     from jaxtok.train import grow
 
     return grow.main(args.grow_args)
+
+
+def cmd_train_tokenizer(args) -> int:
+    from jaxtok.transfer.train_tokenizer import train_tokenizer
+
+    texts = [Path(p).read_text(encoding="utf-8") for p in args.text]
+    base = _load(args).tokenizer.hf if args.base else None
+    tok = train_tokenizer(texts, args.kind, args.vocab_size, base=base)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tok.save(str(tmp))
+    tmp.replace(out)  # never a half-written tokenizer
+    print(f"wrote {out} ({tok.get_vocab_size()} tokens, {args.kind})")
+    return 0
+
+
+def cmd_transfer(args) -> int:
+    from jaxtok.transfer.api import transfer_to_folder
+
+    start = time.perf_counter()
+    result = transfer_to_folder(args.model, args.tokenizer, args.method, args.out, model_path=args.model_path,
+                                options=args.option, text_paths=args.text, donor=args.donor,
+                                overwrite=args.overwrite, keep_chat_template=not args.no_chat_template)
+    summary = " ".join(f"{k}={v}" for k, v in result.record["decomposition"].items())
+    print(f"wrote {result.path} ({args.method}, {summary}) in {time.perf_counter() - start:.1f}s")
+    return 0
 
 
 def _add_pretrain_args(parser: argparse.ArgumentParser) -> None:
@@ -148,11 +218,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative", default=None, choices=("none", "recycling", "lookahead"),
+                   help="lossless speculative decoding (Token Recycling, Lookahead trie; none = plain), "
+                        "ending with a RESULT line")
+    p.add_argument("--tree", default="p16", help="Token Recycling tree template (2.2.2, p54, p32, p16, p8, chain4)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("pretrain", help="train a language model from an experiment config")
     _add_pretrain_args(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("train-tokenizer", help="train a target tokenizer (BPE or Unigram) on text files")
+    p.add_argument("--text", nargs="+", required=True, help="UTF-8 training text files")
+    p.add_argument("--kind", default="bpe", choices=("bpe", "unigram"))
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--base", action="store_true",
+                   help="keep the special tokens (and normalizer, pre-tokenizer) of --model's tokenizer")
+    p.add_argument("--out", required=True, help="where the tokenizer.json goes")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("transfer", help="give a pretrained model a new tokenizer; writes an HF model folder")
+    _add_model_args(p)
+    p.add_argument("--tokenizer", required=True, help="the new tokenizer.json")
+    p.add_argument("--method", default="fvt", help="mean, fvt, focus, omp or tokenadapt")
+    p.add_argument("--option", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="method options, e.g. k=64 (omp), w=0.3 (tokenadapt)")
+    p.add_argument("--text", nargs="+", action="extend", default=[],
+                   help="target-domain text (focus trains fastText on it)")
+    p.add_argument("--donor", default=None, help="omp: an LM that uses the new tokenizer (run dir or folder)")
+    p.add_argument("--out", required=True, help="output folder (Hugging Face layout)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="drop the chat template when the new tokenizer lacks its tokens")
+    p.set_defaults(func=cmd_transfer)
+
+    p = sub.add_parser("train-hypernet", help="train a ZeTT hypernetwork for a frozen pretrained LM")
+    p.add_argument("--model", default="smollm2-135m", help="the frozen base LM")
+    p.add_argument("--model-path", default=None, help="local copy of the base LM (default: cached download)")
+    p.add_argument("--config", default="smollm2", help="preset: smollm2 (the real run) or tiny")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override fields, e.g. steps=100 hypernet.d_model=256 sampler.vocab_range=2048,4096")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=2")
+    p.add_argument("--run-dir", default=None, help="where checkpoints, metrics and the weights go")
+    p.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+    p.set_defaults(func=cmd_train_hypernet)
 
     # grow parses its own arguments (jaxtok.train.grow.build_parser, imported only when used):
     # prefix "+" makes this parser pass every "--x" through untouched

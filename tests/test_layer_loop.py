@@ -172,6 +172,7 @@ def test_loop_choice_reaches_the_compiled_program(family, loop):
         assert counts.get("scan", 0) >= 2, counts  # forward and backward scans over the layers
     # the stacked layer matmuls are as many in the program as their loop writes them
     dots = counts.get("dot_general", 0)
-    ref = _primitive_counts(jax.make_jaxpr(jax.grad(_loss_fn(cls, dataclasses.replace(config, layer_loop="scan"), tokens)))(params))
+    scan_config = dataclasses.replace(config, layer_loop="scan")
+    ref = _primitive_counts(jax.make_jaxpr(jax.grad(_loss_fn(cls, scan_config, tokens)))(params))
     if loop == "unrolled":
         assert dots > ref.get("dot_general", 0), (dots, ref.get("dot_general", 0))

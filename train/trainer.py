@@ -88,19 +88,20 @@ class OptimizerConfig:
 
 
 def lr_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup then cosine decay, indexed by optimizer step (0 = the first update)."""
-    peak, warm = config.lr, config.warmup_steps
-    end = peak * config.end_lr_fraction
+    """Linear warmup then cosine decay (optax's), indexed by optimizer step (0 = the first update).
+
+    The schedule is read one step ahead, so the first update already uses ``lr / warmup_steps``
+    instead of zero, the peak is reached at update ``warmup_steps - 1`` and the end value at the
+    decay step.
+    """
+    warm = config.warmup_steps
     decay = max(total_steps if config.decay_steps is None else config.decay_steps, warm + 1)
-
-    def schedule(count):
-        step = count + 1  # the first update already uses a nonzero rate
-        warmup = peak * jnp.minimum(step / max(warm, 1), 1.0)
-        progress = jnp.clip((step - warm) / (decay - warm), 0.0, 1.0)
-        cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(step <= warm, warmup, cosine)
-
-    return schedule
+    if config.lr == 0:
+        return optax.constant_schedule(0.0)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.lr, warmup_steps=warm, decay_steps=decay,
+        end_value=config.lr * config.end_lr_fraction)
+    return lambda count: schedule(count + 1)
 
 
 def decay_mask(logical_axes: Any) -> Any:
@@ -111,12 +112,32 @@ def decay_mask(logical_axes: Any) -> Any:
     return jax.tree.map(is_matrix, logical_axes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def make_optimizer(config: OptimizerConfig, schedule: optax.Schedule, mask: Any) -> optax.GradientTransformation:
-    """Clipping then AdamW (accumulation is done by the train step, not by the optimizer)."""
+def make_optimizer(config: OptimizerConfig, schedule: optax.Schedule, mask: Any,
+                   trainable: Any = None) -> optax.GradientTransformation:
+    """Clipping then AdamW (accumulation is done by the train step, not by the optimizer);
+    ``trainable`` (a bool tree like the parameters) leaves the False ones untouched."""
     clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm else optax.identity()
     adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                         weight_decay=config.weight_decay, mask=mask)
-    return optax.chain(clip, adamw)
+    optimizer = optax.chain(clip, adamw)
+    if trainable is None:
+        return optimizer
+    labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
+    return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+
+
+def trainable_mask(trainable: Callable[[tuple[str, ...]], bool] | None, params: Any) -> Any:
+    """The bool tree of ``TrainTask.trainable`` over ``params`` (None: everything trains)."""
+    if trainable is None:
+        return None
+
+    def keys(path):
+        return tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+    mask = jax.tree_util.tree_map_with_path(lambda path, _: bool(trainable(keys(path))), params)
+    if not any(jax.tree.leaves(mask)):
+        raise ValueError("TrainTask.trainable selects no parameter: nothing would train")
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,12 +151,22 @@ class TrainTask:
     Attributes:
       init_fn: ``rng -> params`` boxed with logical axis names (``nn.with_logical_partitioning``).
       apply_fn: ``(params, batch) -> logits`` [B, T, V]; trained with :func:`lm_objective`.
-      objective: ``(params, batch, rng) -> (loss, metrics)``; overrides ``apply_fn``.
+      objective: ``(params, batch, rng) -> (loss, metrics)``; overrides ``apply_fn``. With
+        ``frozen_axes`` it is called ``objective(params, batch, rng, frozen)``.
+      frozen_axes: logical axis names (``PartitionSpec`` tree) of state the objective reads but
+        never trains, e.g. a frozen base LM under a hypernetwork. The arrays go in through
+        :meth:`Trainer.set_frozen`, sharded by these names, and reach the compiled step as an
+        argument (never as a constant baked into the program).
+      trainable: which parameters the optimizer updates: ``None`` (all), or a function of the
+        parameter's path (a tuple of keys) returning a bool, e.g. embeddings only. The others get
+        neither updates nor weight decay, and no optimizer moments.
     """
 
     init_fn: Callable[[jax.Array], Any]
     apply_fn: Callable[[Any, Batch], jax.Array] | None = None
-    objective: Objective | None = None
+    objective: Callable[..., tuple[jax.Array, Metrics]] | None = None
+    frozen_axes: Any = None
+    trainable: Callable[[tuple[str, ...]], bool] | None = None
 
     def loss_fn(self) -> Objective:
         if self.objective is not None:
@@ -238,12 +269,26 @@ def accumulate_gradients(loss_fn: Objective, params, batch: Batch, rng, micro_ba
     return grads, {**metrics, "loss": loss}
 
 
+def _frozen_where(params: Any, trainable: Any) -> Any:
+    """Parameters with the untrained ones behind ``stop_gradient``, so the backward pass does
+    not compute gradients nobody uses."""
+    if trainable is None:
+        return params
+    return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+
+
 def train_step(state: TrainState, batch: Batch, *, loss_fn: Objective, optimizer: optax.GradientTransformation,
                schedule: optax.Schedule, micro_batches: int, batch_sharding: NamedSharding,
-               seed: int) -> tuple[TrainState, Metrics]:
+               seed: int, trainable: Any = None) -> tuple[TrainState, Metrics]:
     """One optimizer update. The step's randomness is derived from (seed, step), so a resumed
     run draws exactly what the uninterrupted one would."""
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    if trainable is not None:
+        inner = loss_fn
+
+        def loss_fn(params, batch, rng):
+            return inner(_frozen_where(params, trainable), batch, rng)
+
     grads, metrics = accumulate_gradients(loss_fn, state.params, batch, rng, micro_batches, batch_sharding)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -297,7 +342,8 @@ class Trainer:
         boxed = jax.eval_shape(task.init_fn, jax.random.key(0))
         self.logical_axes = nn.get_partition_spec(boxed)
         self.schedule = lr_schedule(optimizer, total_steps)
-        self.optimizer = make_optimizer(optimizer, self.schedule, decay_mask(self.logical_axes))
+        self.trainable = trainable_mask(task.trainable, nn.unbox(boxed))
+        self.optimizer = make_optimizer(optimizer, self.schedule, decay_mask(self.logical_axes), self.trainable)
         # optax's state mirrors the parameter tree and the logical boxes ride along through its
         # tree maps, so each Adam moment gets the sharding of its parameter.
         boxed_opt = jax.eval_shape(self.optimizer.init, boxed)
@@ -311,25 +357,51 @@ class Trainer:
         self.abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                            shapes, self.state_shardings)
         self.batch_sharding = batch_sharding(mesh)
+        self.frozen = None
         self._jit_functions(replicated)
+
+    def _bound_loss(self, frozen: Any) -> Objective:
+        if self.task.frozen_axes is None:
+            return self.loss_fn
+        return lambda params, batch, rng: self.loss_fn(params, batch, rng, frozen)
 
     def _jit_functions(self, replicated: NamedSharding) -> None:
         def new_state(params):
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
 
-        def step(state, batch):
-            return train_step(state, batch, loss_fn=self.loss_fn, optimizer=self.optimizer,
+        def step(state, batch, frozen):
+            return train_step(state, batch, loss_fn=self._bound_loss(frozen), optimizer=self.optimizer,
                               schedule=self.schedule, micro_batches=self.config.micro_batches,
-                              batch_sharding=self.batch_sharding, seed=self.seed)
+                              batch_sharding=self.batch_sharding, seed=self.seed, trainable=self.trainable)
 
         shardings = self.state_shardings
+        # frozen state: sharded by its own logical names, placed once (set_frozen), an argument
+        # of every step (None when the task has none)
+        self.frozen_shardings = (None if self.task.frozen_axes is None else
+                                 jax.tree.map(lambda spec: NamedSharding(self.mesh, logical_to_spec(
+                                     tuple(spec), None, self.mesh, PARAM_RULES)), self.task.frozen_axes,
+                                     is_leaf=lambda x: isinstance(x, PartitionSpec)))
         # out_shardings make init write each device's shard only: no full copy anywhere
         self._init_fresh = jax.jit(lambda rng: new_state(nn.unbox(self.task.init_fn(rng))), out_shardings=shardings)
         self._init_from = jax.jit(new_state, in_shardings=(shardings.params,), out_shardings=shardings)
-        self._train_step = jax.jit(step, in_shardings=(shardings, self.batch_sharding),
+        self._train_step = jax.jit(step, in_shardings=(shardings, self.batch_sharding, self.frozen_shardings),
                                    out_shardings=(shardings, replicated), donate_argnames="state")
-        self._eval_step = jax.jit(lambda params, batch: eval_step(params, batch, loss_fn=self.loss_fn),
-                                  in_shardings=(shardings.params, self.batch_sharding), out_shardings=replicated)
+        self._eval_step = jax.jit(
+            lambda params, batch, frozen: eval_step(params, batch, loss_fn=self._bound_loss(frozen)),
+            in_shardings=(shardings.params, self.batch_sharding, self.frozen_shardings), out_shardings=replicated)
+
+    def set_frozen(self, frozen: Any) -> None:
+        """Places the task's frozen state (host or device arrays) on the mesh for every step."""
+        if self.task.frozen_axes is None:
+            raise ValueError("this task has no frozen state (TrainTask.frozen_axes is None)")
+        with jax.set_mesh(self.mesh):
+            self.frozen = jax.tree.map(lambda x, sh: jax.device_put(jnp.asarray(x), sh), frozen,
+                                       self.frozen_shardings)
+
+    def _frozen(self) -> Any:
+        if self.task.frozen_axes is not None and self.frozen is None:
+            raise ValueError("the task has frozen state: call Trainer.set_frozen(...) before training")
+        return self.frozen
 
     # -- state ------------------------------------------------------------------------------
 
@@ -358,19 +430,19 @@ class Trainer:
         """The step lowered for abstract inputs (``ShapeDtypeStruct`` batch): ahead-of-time
         compilation for hardware this host does not have (``jaxtok.train.aot``)."""
         with jax.set_mesh(self.mesh):
-            return self._train_step.lower(self.abstract_state, batch)
+            return self._train_step.lower(self.abstract_state, batch, self.frozen)
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         """One update; ``state`` is donated (do not use it afterwards)."""
         with jax.set_mesh(self.mesh):
-            return self._train_step(state, batch)
+            return self._train_step(state, batch, self._frozen())
 
     def evaluate(self, params: Any, batches: Sequence[Batch]) -> dict[str, float]:
         """Loss and bits per byte over ``batches`` (host numpy batches)."""
         totals = None
         with jax.set_mesh(self.mesh):
             for batch in batches:
-                metrics = self._eval_step(params, self.device_batch(batch))
+                metrics = self._eval_step(params, self.device_batch(batch), self._frozen())
                 totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
         if totals is None:
             raise ValueError("evaluation needs at least one batch")

@@ -1,0 +1,250 @@
+"""The ZeTT hypernetwork on tiny models: the residual form starts at the first piece's embedding,
+without it the identity objective learns the base embeddings back, only hypernetwork parameters
+train, the sharded step equals the single-device one, batches (tokenizer included) are a function
+of the step alone, and saved weights load back (bad folders refused)."""
+
+import dataclasses
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _tolerance import assert_close_at_scale, reduction_rtol
+from _transfer_models import ENGLISH, GERMAN, tiny_llama
+from flax import linen as nn
+
+from jaxtok.models import llama
+from jaxtok.sharding import make_mesh
+from jaxtok.train import hypernet as hn_train
+from jaxtok.train.trainer import OptimizerConfig, Trainer
+from jaxtok.transfer import hypernet as hn
+from jaxtok.transfer.sampler import SamplerConfig
+
+SAMPLER = SamplerConfig(vocab_range=(100, 200), max_len=8, max_word=16)
+
+
+def small_config(lm, **kw) -> hn.HypernetConfig:
+    tables = hn_train.base_tables(lm.config, lm.params)
+    fields = {"d_model": 32, "n_layers": 2, "n_heads": 4, "chunk": 64, **kw}
+    return hn.for_base(hn.HypernetConfig(embed_dim=0, **fields), tables)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_residual_prediction_at_init_is_the_first_piece(tie):
+    lm = tiny_llama(tie=tie)
+    cfg = small_config(lm)
+    tables = hn_train.base_tables(lm.config, lm.params)
+    params = nn.unbox(hn.init_params(cfg, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    pieces = rng.integers(0, lm.config.vocab_size, (150, cfg.max_pieces)).astype(np.int32)
+    mask = np.arange(cfg.max_pieces)[None] < rng.integers(1, cfg.max_pieces + 1, (150, 1))
+    out = jax.jit(lambda p: hn.predict(cfg, p, pieces, mask, tables, hn.embedding_stats(tables)))(params)
+    assert set(out) == ({"input"} if tie else {"input", "output"})
+    for role, table in tables.items():
+        chex.assert_shape(out[role], (150, lm.config.d_model))
+        np.testing.assert_array_equal(out[role], np.asarray(table)[pieces[:, 0]])
+
+
+def test_identity_objective_learns_the_base_embeddings_without_the_residual():
+    """Each base token as its own single piece -> its base embedding: from the mean (the
+    non-residual start) to within 5% of the embeddings' scale in 300 Adam steps."""
+    lm = tiny_llama(tie=True)
+    cfg = small_config(lm, residual=False, n_layers=1, d_model=64)
+    tables = hn_train.base_tables(lm.config, lm.params)
+    stats = hn.embedding_stats(tables)
+    v = lm.config.vocab_size
+    pieces, mask = np.arange(v, dtype=np.int32)[:, None], np.ones((v, 1), bool)
+    target = tables["input"]
+
+    def loss(p):
+        pred = hn.predict(cfg, p, pieces, mask, tables, stats)["input"]
+        return jnp.mean(jnp.sum(jnp.square(pred - target), -1)) / jnp.mean(jnp.sum(jnp.square(target), -1))
+
+    opt = optax.adam(3e-3)
+    params = nn.unbox(hn.init_params(cfg, jax.random.key(0)))
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, state = opt.update(grads, state)
+        return optax.apply_updates(params, updates), state, value
+
+    first = float(loss(params))
+    for _ in range(300):
+        params, state, value = step(params, state)
+    assert first > 0.9  # the mean is no answer: relative error ~1 at the start
+    assert float(value) < 0.05 ** 2, float(value)
+
+
+def _task_and_frozen(lm, cfg):
+    module = llama.Llama(lm.config)
+    axes = nn.get_partition_spec(jax.eval_shape(lambda: llama.init_params(lm.config, jax.random.key(0))))
+    return hn_train.hypernet_task(cfg, module, axes), hn_train.frozen_state(lm.config, lm.params)
+
+
+def _steps(mesh_shape, lm, cfg, batches):
+    task, frozen = _task_and_frozen(lm, cfg)
+    devices = jax.devices()[:1] if mesh_shape is None else None
+    opt = OptimizerConfig(lr=1e-3, warmup_steps=0, weight_decay=0.01, clip_norm=0.1, eps=1e-3)
+    trainer = Trainer(task, opt, make_mesh(mesh_shape, devices), total_steps=10)
+    trainer.set_frozen(frozen)
+    state = trainer.init_state(jax.random.key(0))
+    history = []
+    for batch in batches:
+        state, metrics = trainer.train_step(state, trainer.device_batch(batch))
+        history.append(jax.device_get(metrics))
+    return jax.device_get(state.params), history
+
+
+@pytest.fixture(scope="module")
+def untied_run():
+    lm = tiny_llama(tie=False)
+    cfg = small_config(lm)
+    data = hn_train.HypernetBatches(ENGLISH + GERMAN, lm.tokenizer, cfg, SAMPLER, rows=8, seq_len=16, queue=1, seed=0)
+    batches = [data.batch(0), data.batch(1)]
+    return lm, cfg, batches, _steps(None, lm, cfg, batches)
+
+
+def test_only_hypernetwork_parameters_train_and_every_one_gets_a_gradient(untied_run):
+    lm, cfg, batches, (params, history) = untied_run
+    task, frozen = _task_and_frozen(lm, cfg)
+    init = nn.unbox(hn.init_params(cfg, jax.random.key(0)))
+    grad_fn = jax.jit(jax.grad(lambda p, f, b: task.objective(p, b, None, f)[0]))
+    grads = grad_fn(init, frozen, batches[0])
+    assert jax.tree.structure(grads) == jax.tree.structure(init)  # the frozen LM is not differentiated
+    # the zero-initialised heads get a gradient at once; the layers below them only after the
+    # heads moved (their gradient flows through the heads' weights), so check after two steps
+    grads2 = grad_fn(params, frozen, batches[1])
+    norms = {jax.tree_util.keystr(k): float(jnp.abs(g).max()) for k, g in jax.tree_util.tree_leaves_with_path(grads2)}
+    assert all(n > 0 for n in norms.values()), {k: n for k, n in norms.items() if n == 0}
+    assert all(np.isfinite(h["loss"]) for h in history)
+
+
+def test_sharded_step_equals_single_device(untied_run):
+    lm, cfg, batches, (params, history) = untied_run
+    sharded_params, sharded_history = _steps("data=2,fsdp=4", lm, cfg, batches)
+    for h, ref in zip(sharded_history, history):
+        assert_close_at_scale(h["loss"], ref["loss"], rtol=reduction_rtol(2048))
+    # two Adam steps of lr 1e-3 move a parameter by at most ~2e-3: compare at that scale
+    for got, want in zip(jax.tree.leaves(sharded_params), jax.tree.leaves(params)):
+        np.testing.assert_allclose(got, want, atol=2e-3 * 5e-3)
+
+
+def test_batches_are_a_function_of_the_step():
+    """Resume exactness: a fresh iterator set to step k gives exactly batch k (tokenizer, queue
+    and noise included), whatever was drawn before."""
+    lm = tiny_llama(tie=True)
+    cfg = small_config(lm)
+    make = lambda: hn_train.HypernetBatches(ENGLISH + GERMAN, lm.tokenizer, cfg, SAMPLER, rows=2, seq_len=16,
+                                            queue=2, seed=3)
+    first = make()
+    run = [next(first) for _ in range(4)]
+    resumed = make()
+    resumed.set_state({"step": 2})
+    for want in run[2:]:
+        got = next(resumed)
+        chex.assert_trees_all_equal(got, want)
+    assert first.get_state() == {"step": 4}
+    # different steps sample different tokenizers
+    assert not np.array_equal(run[0]["pieces"], run[1]["pieces"])
+
+
+def test_batch_fields_are_consistent():
+    lm = tiny_llama(tie=True)
+    cfg = small_config(lm)
+    data = hn_train.HypernetBatches(ENGLISH + GERMAN, lm.tokenizer, cfg, SAMPLER, rows=2, seq_len=16, queue=0, seed=0)
+    b = data.batch(0)
+    v = int(b["valid"].sum())
+    assert b["tokens"].max() < v and b["targets"].max() < v  # every id inside the sampled vocabulary
+    assert not b["piece_mask"][v:].any() and (b["copied"][v:] == -1).all()
+    assert (b["copied"] >= 0).sum() >= 1  # <|endoftext|> maps to the base's special token
+    assert (b["num_bytes"] > 0).all()
+
+
+def test_saved_weights_load_back_and_bad_folders_are_refused(tmp_path):
+    lm = tiny_llama(tie=True)
+    cfg = small_config(lm)
+    params = nn.unbox(hn.init_params(cfg, jax.random.key(1)))
+    out = hn.save_hypernet(tmp_path / "hn", cfg, params, {"base_model": "tiny"})
+    config, loaded, meta = hn.load_hypernet(out)
+    assert config == cfg and meta["base_model"] == "tiny"
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):  # bf16 on disk
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-6)
+    with pytest.raises(FileExistsError, match="not empty"):
+        hn.save_hypernet(out, cfg, params)
+    assert (out / "model.safetensors").is_file()  # the refused save left the folder alone
+    meta_path = out / "config.json"
+    wrong = json.loads(meta_path.read_text())
+    wrong["hypernet"]["d_model"] = 64
+    meta_path.write_text(json.dumps(wrong))
+    with pytest.raises(ValueError, match="does not fit its config"):
+        hn.load_hypernet(out)
+    (out / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        hn.load_hypernet(out)
+    with pytest.raises(FileNotFoundError, match="not a hypernetwork folder"):
+        hn.load_hypernet(tmp_path)
+
+
+def test_length_buckets_give_the_unbucketed_prediction():
+    lm = tiny_llama(tie=False)
+    cfg = small_config(lm)
+    tables = hn_train.base_tables(lm.config, lm.params)
+    stats = hn.embedding_stats(tables)
+    params = jax.tree.map(lambda x: x + 0.05, nn.unbox(hn.init_params(cfg, jax.random.key(0))))  # heads nonzero
+    rng = np.random.default_rng(1)
+    counts = rng.choice([1, 2, 3, 5, 7], size=96, p=[0.3, 0.3, 0.2, 0.1, 0.1])
+    pieces = rng.integers(0, lm.config.vocab_size, (96, cfg.max_pieces)).astype(np.int32)
+    mask = np.arange(cfg.max_pieces)[None] < counts[:, None]
+    order = np.argsort(counts, kind="stable").astype(np.int32)
+    rows = int((counts <= 3).sum()) // 8 * 8
+    plain = hn.predict(cfg, params, pieces, mask, tables, stats)
+    bucketed = jax.jit(lambda p: hn.predict(cfg, p, pieces, mask, tables, stats, order=order, short=(rows, 3)))(params)
+    for role in plain:
+        np.testing.assert_allclose(bucketed[role], plain[role], rtol=1e-5, atol=1e-6)
+
+
+def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path):
+    """train-hypernet's job: 4 steps at once == 2 steps, stop, resume to 4 (checkpoint, data
+    position, sampled tokenizers); the run exports weights that load and act as a method."""
+    lm = tiny_llama(tie=True)
+    docs, held = ENGLISH + GERMAN, GERMAN[:2]
+    base = dataclasses.replace(hn_train.tiny(), steps=4, eval_every=0, checkpoint_every=2, progress=False)
+    # the three runs compile the same step: a persistent cache for this test lets two of them load it
+    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                                  "jax_persistent_cache_min_compile_time_secs")}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:
+        _resume_runs(tmp_path, lm, docs, held, base)
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+
+
+def _resume_runs(tmp_path, lm, docs, held, base):
+    from jaxtok.train.observe import read_metrics
+    from jaxtok.transfer import transfer
+
+    def losses(run_dir):
+        return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "train"]
+
+    whole = hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "a")), base=lm, documents=docs,
+                         held_out=held, devices=jax.devices()[:1])
+    hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "b"), steps=2), base=lm, documents=docs,
+                 held_out=held, devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "b")), base=lm, documents=docs,
+                     held_out=held, devices=jax.devices()[:1])
+    hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "b")), base=lm, documents=docs, held_out=held,
+                 devices=jax.devices()[:1], resume=True)
+    np.testing.assert_array_equal(losses(tmp_path / "b"), losses(tmp_path / "a"))
+    # the exported weights are the method `hypernet`: specials copied, every row predicted
+    new_tok = __import__("_transfer_models").german_tokenizer()
+    moved = transfer(lm, new_tok, "hypernet", [f"path={whole.weights}"], keep_chat_template=False)
+    assert moved.config.vocab_size == new_tok.get_vocab_size()
+    assert np.isfinite(np.asarray(moved.params["embedding"])).all()
