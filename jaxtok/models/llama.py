@@ -126,6 +126,20 @@ class KVCache:
                    positions=jnp.full((batch, length), -1, jnp.int32), end=jnp.zeros((), jnp.int32))
 
 
+def lm_logits(module: nn.Module, x: jax.Array, output_embeddings: jax.Array | None,
+              last_only: bool) -> jax.Array:
+    """Float32 logits (B, T or 1, V) of a decoder ``module`` (with ``embedding`` and, untied,
+    ``lm_head``) from its final hidden states ``x``; ``output_embeddings`` replaces the matrix."""
+    cfg = module.config
+    if output_embeddings is not None:
+        table = output_embeddings
+    else:
+        table = module.embedding if cfg.tie_embeddings else module.lm_head
+    last = x[:, -1:] if last_only else x
+    logits = matmul("btd,vd->btv", last, table, cfg.compute_dtype).astype(jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab"))
+
+
 @struct.dataclass
 class LMOutput:
     logits: jax.Array
@@ -263,15 +277,7 @@ class Llama(nn.Module):
             k = jax.lax.dynamic_update_slice_in_dim(cache.k, new_k, cache.end, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(cache.v, new_v, cache.end, axis=2)
             new_cache = KVCache(k=k, v=v, positions=cache_positions, end=cache.end + t)
-        logits = None
-        if compute_logits:
-            if output_embeddings is not None:
-                out_table = output_embeddings
-            else:
-                out_table = self.embedding if cfg.tie_embeddings else self.lm_head
-            last = x[:, -1:] if last_logits_only else x
-            logits = matmul("btd,vd->btv", last, out_table, dt).astype(jnp.float32)
-            logits = constrain(logits, ("batch", "length", "vocab"))
+        logits = lm_logits(self, x, output_embeddings, last_logits_only) if compute_logits else None
         return LMOutput(logits=logits, hidden=x if return_hidden else None, cache=new_cache)
 
 

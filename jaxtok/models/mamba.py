@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
-from jaxtok.models.llama import LMOutput
+from jaxtok.models.llama import LMOutput, lm_logits
 from jaxtok.nn.layers import RMSNorm, check_layer_loop, matmul, param_with_axes, run_layers, scanned_blocks
 from jaxtok.nn.ssm import ScanImpl, reset_from_segments, ssm_scan
 from jaxtok.sharding import constrain
@@ -417,15 +417,7 @@ class Mamba(nn.Module):
         if cache is not None:
             conv, ssm = new_layer_caches
             new_cache = MambaCache(conv=conv.astype(cache.conv.dtype), ssm=ssm, end=cache.end + t)
-        logits = None
-        if compute_logits:
-            if output_embeddings is not None:
-                out_table = output_embeddings
-            else:
-                out_table = self.embedding if cfg.tie_embeddings else self.lm_head
-            last = x[:, -1:] if last_logits_only else x
-            logits = matmul("btd,vd->btv", last, out_table, dt).astype(jnp.float32)
-            logits = constrain(logits, ("batch", "length", "vocab"))
+        logits = lm_logits(self, x, output_embeddings, last_logits_only) if compute_logits else None
         return LMOutput(logits=logits, hidden=x if return_hidden else None, cache=new_cache)
 
 

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxtok.models.llama import KVCache, LMOutput, prepare_inputs
+from jaxtok.models.llama import KVCache, LMOutput, lm_logits, prepare_inputs
 from jaxtok.nn import attention as attn
-from jaxtok.nn.layers import LayerNorm, check_layer_loop, matmul, rotary_embedding, run_layers, scanned_blocks
+from jaxtok.nn.layers import LayerNorm, check_layer_loop, rotary_embedding, run_layers, scanned_blocks
 from jaxtok.nn.pattention import NORMALIZATIONS, Pattention, default_tau
 from jaxtok.sharding import constrain
 
@@ -288,15 +288,7 @@ class TokenFormer(nn.Module):
         if cache is not None:
             k, v = new_layer_caches
             new_cache = KVCache(k=k, v=v, positions=cache_positions, end=cache.end + t)
-        logits = None
-        if compute_logits:
-            if output_embeddings is not None:
-                out_table = output_embeddings
-            else:
-                out_table = self.embedding if cfg.tie_embeddings else self.lm_head
-            last = x[:, -1:] if last_logits_only else x
-            logits = matmul("btd,vd->btv", last, out_table, dt).astype(jnp.float32)
-            logits = constrain(logits, ("batch", "length", "vocab"))
+        logits = lm_logits(self, x, output_embeddings, last_logits_only) if compute_logits else None
         return LMOutput(logits=logits, hidden=x if return_hidden else None, cache=new_cache)
 
 
