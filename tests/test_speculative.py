@@ -305,3 +305,28 @@ def test_errors_name_the_problem():
                                 loop="device")
     with pytest.raises(ValueError, match="vocabulary"):
         sp.speculative_generate(Llama(CFG), params, [1], dr.TokenRecycling(100), eos_id=2, max_new_tokens=4)
+
+
+def test_cli_speculative_prints_the_greedy_text_and_a_result_line(monkeypatch, capsys):
+    """`jaxtok generate --speculative`: same continuation for none / recycling / lookahead (greedy,
+    lossless), RESULT line last, mat 1 for none."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from _transfer_models import tiny_llama
+
+    from jaxtok import cli
+
+    lm = tiny_llama(tie=True)
+    monkeypatch.setattr(cli, "_load", lambda args: lm)
+    outputs = {}
+    for method in ("none", "recycling", "lookahead"):
+        assert cli.main(["generate", "--prompt", "The quick brown fox", "--raw", "--max-new-tokens", "8",
+                         "--speculative", method]) == 0
+        *text, result = capsys.readouterr().out.rstrip("\n").split("\n")
+        fields = dict(item.split("=") for item in result.removeprefix("RESULT ").split())
+        assert set(fields) == {"new_tokens", "mat", "tokens_per_s", "forward_passes"}, result
+        outputs[method] = ("\n".join(text), int(fields["new_tokens"]))
+        if method == "none":
+            assert float(fields["mat"]) == 1.0
+    assert outputs["recycling"] == outputs["none"] == outputs["lookahead"]
