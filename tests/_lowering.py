@@ -64,8 +64,10 @@ def tpu_env() -> dict[str, str] | None:
     extra = libtpu_dir()
     if extra is None:
         return None
+    # ALLOW_MULTIPLE_LIBTPU_LOAD: the two test workers may compile for TPU at the same time, and
+    # libtpu otherwise refuses a second process (its lock file), which has nothing to guard here
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-           "TPU_ACCELERATOR_TYPE": "v5litepod-4", "XLA_FLAGS": ""}
+           "TPU_ACCELERATOR_TYPE": "v5litepod-4", "XLA_FLAGS": "", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
     if extra:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, env.get("PYTHONPATH", "")) if p)
     return env

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _lowering import tpu_env
 from test_readme import blocks_of
 
 pytestmark = pytest.mark.slow
@@ -27,24 +28,10 @@ print("AOT " + json.dumps(compile_train_step("smollm2-135m", devices, "fsdp=4", 
 """
 
 
-def libtpu_path() -> str | None:
-    try:
-        import libtpu  # noqa: F401
-
-        return ""
-    except ImportError:
-        path = os.environ.get("JAXTOK_LIBTPU_DIR")
-        return path if path and (Path(path) / "libtpu").is_dir() else None
-
-
 def test_full_size_train_steps_compile_for_tpu_v5e():
-    extra_path = libtpu_path()
-    if extra_path is None:
+    env = tpu_env()
+    if env is None:
         pytest.skip("libtpu not installed (pip install --target DIR libtpu; export JAXTOK_LIBTPU_DIR=DIR)")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-           "TPU_ACCELERATOR_TYPE": "v5litepod-4", "XLA_FLAGS": ""}
-    if extra_path:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH", "")) if p)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the README's `python`
     (readme_block,) = blocks_of("aot")
     (command,) = readme_block.lines()

@@ -3,7 +3,6 @@ gradient), and its Mosaic lowering for a TPU v5e (libtpu, ahead of time, on this
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _lowering import TRITON_CALL, export_for
+from _lowering import TRITON_CALL, export_for, tpu_env
 from _tolerance import assert_close_at_scale
-from test_aot_tpu import libtpu_path
 from test_ssm import fast_jit
 
 from jaxtok.kernels.ssd import SSDBlockSizes, ssd, ssd_reference
@@ -108,13 +106,9 @@ for name, c in (("fwd", fwd), ("grad", grad)):
 
 @pytest.mark.slow
 def test_kernel_compiles_for_tpu_v5e():
-    extra_path = libtpu_path()
-    if extra_path is None:
+    env = tpu_env()
+    if env is None:
         pytest.skip("libtpu not installed (pip install --target DIR libtpu; export JAXTOK_LIBTPU_DIR=DIR)")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-           "TPU_ACCELERATOR_TYPE": "v5litepod-4", "XLA_FLAGS": ""}
-    if extra_path:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run([sys.executable, "-c", TPU_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600, cwd=Path(__file__).parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
