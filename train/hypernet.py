@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -428,7 +429,7 @@ def run(config: HypernetExperiment, *, base: Any = None, resume: bool = False,
     _say(f"hypernetwork {n_params / 1e6:.2f} M params for {config.model} (D {hcfg.embed_dim}, tied {hcfg.tied}); "
          f"{len(docs)} documents, {len(evals)} eval batches, sampled vocabularies padded to {data.capacity}")
     loop = LoopConfig(steps=config.steps, eval_every=config.eval_every, checkpoint_every=config.checkpoint_every)
-    saved_config = to_json(config)
+    saved_config = json.loads(json.dumps(to_json(config)))  # as a checkpoint gives it back (tuples as lists)
     with Checkpointer(run_dir / CHECKPOINT_DIR, keep=config.keep, config=saved_config) as checkpointer:
         latest = checkpointer.latest_step()
         if latest is not None and not resume:

@@ -9,6 +9,7 @@ is ``$JAXTOK_CACHE`` or ``~/.cache/jaxtok``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -133,3 +134,14 @@ def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise ModelFileError(f"{path}: {what} not found")
     return path
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; unreadable or non-object files are ``ModelFileError``s naming it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: not readable JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -9,7 +9,6 @@ Layouts: HF Linear weights are (out, in); jaxtok kernels are (in, *out) with hea
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,23 +16,13 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtok.io.cache import ModelFileError, require_file
+from jaxtok.io.cache import ModelFileError, read_json, require_file
 from jaxtok.io.gguf_io import LoadedLM
 from jaxtok.models.bert import BertConfig
 from jaxtok.models.llama import LlamaConfig
 from jaxtok.tokenization import TextTokenizer, load_tokenizer_json
 
 TRANSFER_RECORD = "transfer.json"
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path}: not readable JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelFileError(f"{path}: expected a JSON object")
-    return data
 
 
 # ---------------------------------------------------------------------------------------------

