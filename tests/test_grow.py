@@ -156,4 +156,4 @@ def test_refuses_existing_target_and_other_models(base, tmp_path):
 def test_config_json_round_trip():
     config = configs.apply_overrides(configs.get_config("tokenformer-tiny"),
                                      ["data.paths=a.txt,b.txt", "data.source=text", "optimizer.clip_norm=none"])
-    assert grow.config_from_json(configs.to_json(config)) == config
+    assert configs.config_from_json(configs.to_json(config)) == config

@@ -206,7 +206,7 @@ def test_flops_and_registry():
     assert 120e6 < PRESETS["mamba2-130m"].num_params() < 135e6
     for name in ("mamba-tiny", "mamba2-tiny"):
         family = configs.model_family(name)
-        assert family.module_cls is Mamba and family.data == "text" and family.objective == "next_token"
+        assert family.module_cls is Mamba and family.data is configs.TEXT and family.task is configs.next_token_task
         assert configs.get_config(name).model == name
     with pytest.raises(ValueError, match="version"):
         MambaConfig(version=3)

@@ -28,16 +28,18 @@ import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from flax import linen as nn
 
-from jaxtok.data import DataConfig
+from jaxtok.data import DataConfig, make_eval_batches, make_train_iterator
 from jaxtok.io.cache import cache_dir
 from jaxtok.models import llama, mamba, tokenformer
 from jaxtok.sharding import parse_mesh_shape
 
-from .trainer import OptimizerConfig
+from . import flops
+from .trainer import OptimizerConfig, TrainTask, lm_task
 
 DTYPES = ("float32", "bfloat16")
 BOS = "<|endoftext|>"  # document separator of the trained BPE (SmolLM2 has the same token)
@@ -50,27 +52,78 @@ DERIVED_MODEL_FIELDS = frozenset({"vocab_size", "dtype", "param_dtype"})
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelFamily:
-    """How to build one family's model: its config class, presets and flax module, and what
-    trains it.
+class DataPipeline:
+    """Where one family's batches come from.
 
     Attributes:
-      data: the data pipeline that feeds it (``text``: packed token batches from
-        :mod:`jaxtok.data`; volume or byte families name their own).
-      objective: what it is trained on (``next_token``: ``lm_task``'s cross-entropy).
+      train: ``(config, tokenizer) -> iterator`` of this host's training batches, with
+        ``get_state()``/``set_state()`` so that a resumed run continues exactly.
+      evaluation: ``(config, tokenizer) -> list`` of this host's evaluation batches (all of them;
+        the run keeps the first ``config.eval_batches``).
+      tokens_per_step: ``config -> int``, the units (tokens, bytes, patches) one step trains on,
+        for tokens/s and MFU.
+      uses_tokenizer: whether runs of the family make and keep a ``tokenizer.json`` (volume
+        and byte families have none; their builders get ``tokenizer=None``).
+      config_cls: the class of the experiment's ``data`` section for this pipeline.
+    """
+
+    train: Callable[[Any, Any], Any]
+    evaluation: Callable[[Any, Any], list]
+    tokens_per_step: Callable[[Any], int]
+    uses_tokenizer: bool = True
+    config_cls: type = DataConfig
+
+
+TEXT = DataPipeline(
+    train=lambda config, tokenizer: make_train_iterator(config.data, tokenizer),
+    evaluation=lambda config, tokenizer: make_eval_batches(config.data, tokenizer),
+    tokens_per_step=lambda config: config.data.global_batch * config.data.seq_len,
+)
+
+
+def next_token_task(module: nn.Module, config: Any) -> TrainTask:
+    """Next-token cross-entropy of a decoder LM (``config`` is the experiment; unused)."""
+    del config
+    return lm_task(module)
+
+
+def transformer_flops(model_config: Any, config: Any) -> float:
+    """Training FLOPs per token of a decoder LM (:func:`flops.model_flops_per_token`)."""
+    return flops.model_flops_per_token(model_config, config.data.seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """How to build one family's model, what feeds it and what trains it.
+
+    ``jaxtok pretrain`` dispatches through these fields only; a new family registers one entry
+    in :data:`MODEL_FAMILIES` (with its own pipeline and task builder where text and next-token
+    loss do not fit) and needs no change to the trainer or the job.
+
+    Attributes:
+      config_cls, presets, module_cls: the model's config class, named configs and flax module.
+      data: the :class:`DataPipeline` that feeds it.
+      task: ``(module, experiment config) -> TrainTask``: its objective. An experiment's
+        ``objective`` section (a frozen dataclass of the family's choosing, or None) carries the
+        objective's settings.
+      flops_per_token: ``(model config, experiment config) -> float`` training FLOPs per unit of
+        ``data.tokens_per_step``, for MFU (None: no MFU reported).
+      objective_cls: the class of the experiment's ``objective`` section (None: it has none).
     """
 
     config_cls: type
     presets: Mapping[str, Any]
     module_cls: Callable[..., nn.Module]
-    data: str = "text"
-    objective: str = "next_token"
+    data: DataPipeline = TEXT
+    task: Callable[[nn.Module, Any], TrainTask] = next_token_task
+    flops_per_token: Callable[[Any, Any], float] | None = transformer_flops
+    objective_cls: type | None = None
 
 
 MODEL_FAMILIES: dict[str, ModelFamily] = {
     "llama": ModelFamily(llama.LlamaConfig, llama.PRESETS, llama.Llama),
     "tokenformer": ModelFamily(tokenformer.TokenFormerConfig, tokenformer.PRESETS, tokenformer.TokenFormer),
-    "mamba": ModelFamily(mamba.MambaConfig, mamba.PRESETS, mamba.Mamba, data="text", objective="next_token"),
+    "mamba": ModelFamily(mamba.MambaConfig, mamba.PRESETS, mamba.Mamba),
 }
 
 
@@ -108,7 +161,10 @@ class ExperimentConfig:
         ``tokenizer.json`` already in its run directory.
       tokenizer_vocab: vocabulary size of the trained BPE.
       tokenizer_documents: documents the BPE is trained on (None: the whole training split).
-      data: documents and batching (``seq_len``, ``global_batch`` live here).
+      data: documents and batching (``seq_len``, ``global_batch`` live here); a family with
+        its own pipeline puts its own frozen dataclass here (its fields are then the ``data.*`` keys).
+      objective: the settings of the family's objective (a frozen dataclass whose fields are the
+        ``objective.*`` keys), or None where the objective has none (next-token loss).
       optimizer: AdamW, schedule, clipping, micro-batches.
       steps: last step of the run.
       eval_every: evaluate bits per byte every this many steps and at the end (0: never).
@@ -129,7 +185,8 @@ class ExperimentConfig:
     tokenizer: str = "bpe"
     tokenizer_vocab: int = 4096
     tokenizer_documents: int | None = None
-    data: DataConfig = DataConfig(seq_len=256, global_batch=16, bos_token=BOS)
+    data: Any = DataConfig(seq_len=256, global_batch=16, bos_token=BOS)
+    objective: Any = None
     optimizer: OptimizerConfig = OptimizerConfig()
     steps: int = 1000
     eval_every: int = 100
@@ -263,14 +320,18 @@ class UnknownKeyError(ValueError):
         super().__init__(f"unknown config key {key!r}; valid keys: {', '.join(sorted(valid))}")
 
 
-_SECTIONS = ("data", "optimizer")  # nested dataclasses settable as section.field
+_SECTIONS = ("data", "objective", "optimizer")  # nested dataclasses settable as section.field
 _NOT_SETTABLE = frozenset({"model_overrides", *_SECTIONS})
+
+
+def _sections(config: ExperimentConfig) -> list[str]:
+    return [s for s in _SECTIONS if getattr(config, s) is not None]
 
 
 def valid_keys(config: ExperimentConfig) -> list[str]:
     """Every key ``--set`` accepts for ``config``."""
     top = [f.name for f in dataclasses.fields(config) if f.name not in _NOT_SETTABLE]
-    nested = [f"{s}.{f.name}" for s in _SECTIONS for f in dataclasses.fields(getattr(config, s))]
+    nested = [f"{s}.{f.name}" for s in _sections(config) for f in dataclasses.fields(getattr(config, s))]
     return sorted(top + nested + [f"model.{k}" for k in model_keys(config.model)])
 
 
@@ -343,7 +404,8 @@ def apply_overrides(config: ExperimentConfig, items: Iterable[str]) -> Experimen
     valid = set(valid_keys(config))
     top: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {"model": {}, **{s: {} for s in _SECTIONS}}
-    owners = {"model": model_family(config.model).config_cls, **{s: type(getattr(config, s)) for s in _SECTIONS}}
+    owners = {"model": model_family(config.model).config_cls,
+              **{s: type(getattr(config, s)) for s in _sections(config)}}
     for key, text in pairs:
         if key == "model":
             continue
@@ -374,3 +436,41 @@ def to_json(config: ExperimentConfig) -> dict[str, Any]:
         return value
 
     return json.loads(json.dumps(clean(dataclasses.asdict(config))))
+
+
+def _from_json_value(value: Any, hint: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return config_from_json(value, hint)
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, str) and hint is not str:
+        return parse_value(value, hint, key)  # enums, "inf" floats, str | None
+    return value
+
+
+def config_from_json(data: Mapping[str, Any], cls: type = ExperimentConfig) -> Any:
+    """The inverse of :func:`to_json` (for ``cls`` and its nested dataclasses); the classes of an
+    experiment's ``data`` and ``objective`` sections are those of its model's family."""
+    hints = typing.get_type_hints(cls)
+    if cls is ExperimentConfig:
+        family = model_family(data.get("model", ExperimentConfig.model))
+        hints = {**hints, "data": family.data.config_cls, "objective": family.objective_cls}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"saved config has fields {sorted(unknown)} that {cls.__name__} lacks")
+    return cls(**{k: None if v is None else _from_json_value(v, hints[k], k) for k, v in data.items()})
+
+
+def saved_config(checkpoint_dir: Path) -> tuple[int, ExperimentConfig]:
+    """``(step, config)`` of the newest checkpoint in ``checkpoint_dir`` whose config reads."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(checkpoint_dir) as manager:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                items = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+            except Exception:  # noqa: BLE001 - a damaged step: restore_latest reports it later
+                continue
+            return step, config_from_json(items["config"])
+    raise FileNotFoundError(f"no readable checkpoint in {checkpoint_dir}")

@@ -25,14 +25,12 @@ import json
 import shlex
 import shutil
 import sys
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from tokenizers import Tokenizer
 
 from jaxtok.models.growth import GROWTH_MODES, grow_params, grown_config
@@ -74,42 +72,6 @@ class GrowResult:
 def _say(message: str) -> None:
     if jax.process_index() == 0:
         print(message, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Configs from JSON (a checkpoint stores the experiment config as configs.to_json wrote it)
-
-
-def _from_json_value(value: Any, hint: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return config_from_json(value, hint)
-    if isinstance(value, list):
-        return tuple(value)
-    if isinstance(value, str) and hint is not str:
-        return configs.parse_value(value, hint, key)  # enums, "inf" floats, str | None
-    return value
-
-
-def config_from_json(data: Mapping[str, Any], cls: type = configs.ExperimentConfig) -> Any:
-    """The inverse of :func:`configs.to_json` (for ``cls`` and its nested dataclasses)."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ValueError(f"saved config has fields {sorted(unknown)} that {cls.__name__} lacks")
-    return cls(**{k: _from_json_value(v, hints[k], k) for k, v in data.items()})
-
-
-def saved_config(checkpoint_dir: Path) -> tuple[int, configs.ExperimentConfig]:
-    """``(step, config)`` of the newest checkpoint in ``checkpoint_dir`` whose config reads."""
-    with ocp.CheckpointManager(checkpoint_dir) as manager:
-        for step in sorted(manager.all_steps(), reverse=True):
-            try:
-                items = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-            except Exception:  # noqa: BLE001 - a damaged step: restore_latest reports it later
-                continue
-            return step, config_from_json(items["config"])
-    raise FileNotFoundError(f"no readable checkpoint in {checkpoint_dir}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +215,7 @@ def grow(source: str | Path, target: str | Path, overrides: Sequence[str] = (), 
         raise ValueError(f"unknown growth mode {mode!r}; valid: {MODES}")
     source, target = Path(source).absolute(), Path(target).absolute()
     _check_target(target, source)
-    _, old = saved_config(source / pretrain.CHECKPOINT_DIR)
+    _, old = configs.saved_config(source / pretrain.CHECKPOINT_DIR)
     family = configs.model_family(old.model)
     if family.config_cls is not TokenFormerConfig:
         raise ValueError(f"{source} trained {old.model!r} ({family.config_cls.__name__}); only "

@@ -24,13 +24,13 @@ import jax
 from jax.experimental import multihost_utils
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from jaxtok.data import load_documents, make_eval_batches, make_train_iterator
+from jaxtok.data import load_documents
 from jaxtok.sharding import make_mesh
 
 from . import configs, flops
 from .checkpoint import Checkpointer
 from .observe import METRICS_FILE, PLOT_FILE, RunObserver, plot_metrics
-from .trainer import LoopConfig, StepCallback, Trainer, TrainState, TrainTask, fit, lm_task
+from .trainer import LoopConfig, StepCallback, Trainer, TrainState, TrainTask, fit
 
 TOKENIZER_FILE = "tokenizer.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -144,9 +144,10 @@ def model_vocab_size(tokenizer: Tokenizer, multiple: int = 128) -> int:
     return -(-size // multiple) * multiple
 
 
-def build_task(config: configs.ExperimentConfig, tokenizer: Tokenizer, pretrained: Any = None
+def build_task(config: configs.ExperimentConfig, tokenizer: Tokenizer | None, pretrained: Any = None
                ) -> tuple[TrainTask, Any, Any]:
-    """``(task, initial params or None, model config)`` for the config's model family."""
+    """``(task, initial params or None, model config)`` for the config's model family (its
+    ``task`` builder; the vocabulary comes from the tokenizer where the family has one)."""
     family = configs.model_family(config.model)
     if pretrained is not None:
         model_config = config.model_config(vocab_size=None, base=pretrained.config)
@@ -156,9 +157,10 @@ def build_task(config: configs.ExperimentConfig, tokenizer: Tokenizer, pretraine
                              f"{model_config.vocab_size}")
         params = pretrained.params
     else:
-        model_config = config.model_config(vocab_size=model_vocab_size(tokenizer))
+        vocab = model_vocab_size(tokenizer) if family.data.uses_tokenizer else None
+        model_config = config.model_config(vocab_size=vocab)
         params = None
-    return lm_task(family.module_cls(model_config)), params, model_config
+    return family.task(family.module_cls(model_config), config), params, model_config
 
 
 def _load_pretrained(config: configs.ExperimentConfig) -> Any:
@@ -223,18 +225,20 @@ def run(config: configs.ExperimentConfig, *, resume: bool = False, devices: Sequ
     run_dir = Path(config.run_dir).absolute()
     _say(f"run dir: {run_dir}")
     mesh = make_mesh(config.mesh or None, devices)  # a mesh that does not fit fails before any work
+    pipeline = configs.model_family(config.model).data
     pretrained = _load_pretrained(config)
-    tokenizer = prepare_tokenizer(config, run_dir, pretrained)
+    tokenizer = prepare_tokenizer(config, run_dir, pretrained) if pipeline.uses_tokenizer else None
     task, params, model_config = build_task(config, tokenizer, pretrained)
     trainer = Trainer(task, config.optimizer, mesh, total_steps=config.steps, seed=config.seed)
-    data = make_train_iterator(config.data, tokenizer)
-    eval_batches = make_eval_batches(config.data, tokenizer)[: config.eval_batches] if config.eval_every else []
-    _say(f"model {config.model} ({type(model_config).__name__}, vocab {model_config.vocab_size}), "
-         f"mesh {dict(mesh.shape)}, {len(eval_batches)} eval batches")
+    data = pipeline.train(config, tokenizer)
+    eval_batches = pipeline.evaluation(config, tokenizer)[: config.eval_batches] if config.eval_every else []
+    vocab = getattr(model_config, "vocab_size", None)
+    _say(f"model {config.model} ({type(model_config).__name__}" + (f", vocab {vocab}" if vocab else "")
+         + f"), mesh {dict(mesh.shape)}, {len(eval_batches)} eval batches")
     loop = LoopConfig(steps=config.steps, eval_every=config.eval_every, checkpoint_every=config.checkpoint_every)
     with Checkpointer(run_dir / CHECKPOINT_DIR, keep=config.keep, config=configs.to_json(config)) as checkpointer:
         state = restore_or_init(trainer, checkpointer, config, data, resume=resume, params=params)
-        tokens_per_step = config.data.global_batch * config.data.seq_len
+        tokens_per_step = pipeline.tokens_per_step(config)
         flops_per_token, peak = _mfu_terms(model_config, config, mesh)
         try:
             with RunObserver(run_dir, total_steps=config.steps, start_step=int(jax.device_get(state.step)),
@@ -251,9 +255,13 @@ def run(config: configs.ExperimentConfig, *, resume: bool = False, devices: Sequ
     return RunResult(run_dir=run_dir, state=state, summary=summary)
 
 
-def _mfu_terms(model_config: Any, config: configs.ExperimentConfig, mesh: Any) -> tuple[float, float | None]:
-    """Training FLOPs per token and the peak FLOP/s of the mesh (None where no peak is known)."""
-    flops_per_token = flops.model_flops_per_token(model_config, config.data.seq_len)
+def _mfu_terms(model_config: Any, config: configs.ExperimentConfig, mesh: Any
+               ) -> tuple[float | None, float | None]:
+    """Training FLOPs per token and the peak FLOP/s of the mesh (None where either is unknown)."""
+    count = configs.model_family(config.model).flops_per_token
+    if count is None:
+        return None, None
+    flops_per_token = count(model_config, config)
     device = mesh.devices.flat[0]
     try:
         peak = flops.peak_flops(config.dtype, device)
@@ -335,9 +343,7 @@ def config_from_args(name: str | None, overrides: Sequence[str] = (), *, mesh: s
         run_dir = str(run_dir or default_run_dir(configs.get_config("default").run_dir, resume=True))
         directory = Path(run_dir) / CHECKPOINT_DIR
         if directory.is_dir():
-            from jaxtok.train.grow import saved_config
-
-            step, base = saved_config(directory)
+            step, base = configs.saved_config(directory)
             _say(f"config from the checkpoint at step {step} in {directory}")
     if base is None:
         base = configs.get_config(name or "default")

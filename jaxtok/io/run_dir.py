@@ -38,7 +38,7 @@ def load_run_dir(run_dir: str | Path) -> LoadedLM:
     from jaxtok.sharding import make_mesh
     from jaxtok.train import pretrain
     from jaxtok.train.checkpoint import Checkpointer
-    from jaxtok.train.grow import saved_config
+    from jaxtok.train.configs import saved_config
     from jaxtok.train.trainer import Trainer
 
     run_dir = Path(run_dir)
