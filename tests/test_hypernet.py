@@ -248,3 +248,78 @@ def _resume_runs(tmp_path, lm, docs, held, base):
     moved = transfer(lm, new_tok, "hypernet", [f"path={whole.weights}"], keep_chat_template=False)
     assert moved.config.vocab_size == new_tok.get_vocab_size()
     assert np.isfinite(np.asarray(moved.params["embedding"])).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The encoder (MiniLM-like): sentence-embedding distillation
+
+
+def test_sentence_rows_embed_the_same_text_under_both_tokenizers():
+    from _transfer_models import tiny_bert
+
+    enc = tiny_bert()
+    tok = __import__("_transfer_models").german_tokenizer()  # byte-level BPE: another segmentation
+    specials = hn_train.special_strings(enc.tokenizer)
+    tok.add_special_tokens(specials)
+    texts = [GERMAN[0], ENGLISH[0] * 3, "kurz"]
+    seq_len = 24
+    rows = hn_train.sentence_rows(texts, tok, enc.tokenizer, seq_len)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    for r, text in enumerate(texts):
+        n, nb = int(rows["mask"][r].sum()), int(rows["base_mask"][r].sum())
+        assert n <= seq_len and nb <= seq_len
+        assert rows["tokens"][r, 0] == cls and rows["tokens"][r, n - 1] == sep
+        base_row = rows["base_tokens"][r]
+        assert base_row[0] == enc.tokenizer.bos_id and base_row[nb - 1] == enc.tokenizer.eos_id
+        covered = tok.decode(rows["tokens"][r, 1:n - 1].tolist())
+        assert text.startswith(covered)  # a prefix of the text ...
+        base_covered = enc.tokenizer.hf.decode(rows["base_tokens"][r, 1:nb - 1].tolist())
+        # ... the same one under the (lower-casing, space-normalising) base tokenizer
+        assert base_covered.replace(" ", "") == enc.tokenizer.hf.decode(
+            enc.tokenizer.hf.encode(covered, add_special_tokens=False).ids).replace(" ", "")
+    assert tok.decode(rows["tokens"][2, 1:int(rows["mask"][2].sum()) - 1].tolist()) == "kurz"  # short: whole
+    assert int(rows["mask"][1].sum()) == seq_len or int(rows["base_mask"][1].sum()) == seq_len  # long: cut
+
+
+def _bert_task(enc, cfg):
+    from jaxtok.models import bert
+
+    module = bert.Bert(enc.config)
+    axes = nn.get_partition_spec(jax.eval_shape(lambda: bert.init_params(enc.config, jax.random.key(0))))
+    return hn_train.distill_task(cfg, module, axes), hn_train.frozen_state(enc.config, enc.params)
+
+
+def test_distillation_is_exact_on_the_base_tokenizer_and_trains_on_a_new_one():
+    """Known value: with the base tokenizer as the 'sampled' one, every token is its own single
+    piece, the residual hypernetwork at init returns the base embeddings, and the student is the
+    teacher: cosine 1, MSE 0, auxiliary loss 0. Under another tokenizer the loss is positive and
+    a few steps lower it."""
+    from _transfer_models import tiny_bert
+
+    enc = tiny_bert()
+    cfg = small_config(enc)
+    task, frozen = _bert_task(enc, cfg)
+    init = nn.unbox(hn.init_params(cfg, jax.random.key(0)))
+    capacity = 512
+    vocab, _ = hn_train.vocabulary_arrays(enc.tokenizer.hf, enc.tokenizer, cfg, capacity)
+    del vocab["truncated"]
+    same = {**vocab, **hn_train.sentence_rows(ENGLISH[:4], enc.tokenizer.hf, enc.tokenizer, 32),
+            "truncated": np.zeros(4, np.float32)}
+    np.testing.assert_array_equal(same["tokens"], same["base_tokens"])
+    loss, metrics = jax.jit(lambda p, b, f: task.objective(p, b, None, f))(init, same, frozen)
+    np.testing.assert_allclose(metrics["cosine"] / metrics["weight"], 1.0, atol=1e-5)
+    np.testing.assert_allclose([loss, metrics["mse"], metrics["aux_loss"]], 0.0, atol=1e-5)
+
+    data = hn_train.HypernetBatches(ENGLISH + GERMAN, enc.tokenizer, cfg, SAMPLER, rows=8, seq_len=24, queue=0,
+                                    seed=0, sentences=True)
+    batch = data.batch(0)
+    opt = OptimizerConfig(lr=3e-3, warmup_steps=0, weight_decay=0.0, clip_norm=1.0)
+    trainer = Trainer(task, opt, make_mesh(None, jax.devices()[:1]), total_steps=30)
+    trainer.set_frozen(frozen)
+    state = trainer.init_state(jax.random.key(0))
+    losses = []
+    for _ in range(15):
+        state, m = trainer.train_step(state, trainer.device_batch(batch))
+        losses.append(float(m["loss"]))
+        assert 0.0 < float(m["cosine"]) <= 1.0  # logged as a mean per row
+    assert losses[0] > 0.0 and losses[-1] < 0.8 * losses[0], losses

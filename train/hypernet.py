@@ -29,6 +29,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import PartitionSpec
 
+from jaxtok.models.bert import BertConfig
 from jaxtok.objectives import masked_sum, token_nll
 from jaxtok.tokenization import TextTokenizer
 from jaxtok.train.trainer import WEIGHT, OptimizerConfig, TrainTask
@@ -69,7 +70,8 @@ class HypernetBatches:
 
     def __init__(self, documents: Sequence[str], base: TextTokenizer, hcfg: HypernetConfig,
                  sampler: SamplerConfig, *, rows: int, seq_len: int, queue: int, seed: int,
-                 chars_per_token: int = 6, short_fraction: float = 0.625, short_width: int = 3):
+                 chars_per_token: int = 6, short_fraction: float = 0.625, short_width: int = 3,
+                 sentences: bool = False):
         if not documents:
             raise ValueError("hypernetwork training needs at least one document")
         order = list(documents)
@@ -81,6 +83,7 @@ class HypernetBatches:
         self.specials = special_strings(base)
         self.capacity = vocab_capacity(sampler, len(self.specials))
         self.short = bucket_sizes(self.capacity, short_fraction, short_width)
+        self.sentences = sentences  # rows for an encoder's distillation (:func:`sentence_rows`)
         self.step = 0
 
     def get_state(self) -> dict[str, int]:
@@ -119,7 +122,10 @@ class HypernetBatches:
         history = [t for s in range(max(0, step - self.queue), step) for t in self.texts(s)]
         rng = np.random.default_rng([self.seed, step])
         tok = sample_tokenizer(texts + history, rng, self.sampler, self.specials)
-        return encode_batch(texts, tok, self.base, self.hcfg, self.seq_len, self.capacity, self.short)
+        vocab, surface_bytes = vocabulary_arrays(tok, self.base, self.hcfg, self.capacity, self.short)
+        rows = (sentence_rows(texts, tok, self.base, self.seq_len) if self.sentences
+                else lm_rows(texts, tok, self.seq_len, surface_bytes))
+        return {**vocab, **rows, "truncated": np.full((len(texts),), vocab.pop("truncated") / len(texts), np.float32)}
 
 
 def bucket_sizes(capacity: int, short_fraction: float, short_width: int) -> tuple[int, int] | None:
@@ -129,16 +135,35 @@ def bucket_sizes(capacity: int, short_fraction: float, short_width: int) -> tupl
     return int(capacity * short_fraction) // 8 * 8, short_width
 
 
-def encode_batch(texts: Sequence[str], tok, base: TextTokenizer, hcfg: HypernetConfig, seq_len: int,
-                 capacity: int, short: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
-    """Rows of ``seq_len`` (+1) tokens of ``texts`` under ``tok`` and ``tok``'s vocabulary in base
-    pieces, padded to ``capacity`` tokens; ``order`` sorts the vocabulary by piece count for the
-    length buckets ``short`` and ``truncated`` counts the tokens the short bucket cuts."""
+def vocabulary_arrays(tok, base: TextTokenizer, hcfg: HypernetConfig, capacity: int,
+                      short: tuple[int, int] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``tok``'s vocabulary in base pieces, padded to ``capacity`` tokens, and each token's UTF-8
+    byte count (0 for special tokens). ``order`` sorts the vocabulary by piece count for the
+    length buckets ``short``; ``truncated`` counts the tokens the short bucket cuts."""
     if tok.get_vocab_size() > capacity:
         raise ValueError(f"sampled vocabulary {tok.get_vocab_size()} exceeds the capacity {capacity}")
     dec = decompose(base, tok, max_pieces=hcfg.max_pieces, require_chat_tokens=False)
     v = dec.num_new
     surface_bytes = np.array([0 if s else len(b) for b, s in zip(dec.new.surfaces, dec.new.special)], np.int32)
+    pad = capacity - v
+    pieces = np.pad(dec.pieces, ((0, pad), (0, hcfg.max_pieces - dec.pieces.shape[1])))
+    piece_mask = np.pad(dec.mask, ((0, pad), (0, hcfg.max_pieces - dec.mask.shape[1])))
+    single = np.where(dec.mask.sum(1) == 1, dec.overlap, -1)  # one base token with the same surface
+    counts = piece_mask.sum(1)
+    order = np.argsort(counts, kind="stable").astype(np.int32)
+    truncated = int((counts[order[:short[0]]] > short[1]).sum()) if short else 0
+    return {
+        "order": order, "truncated": truncated,
+        "pieces": pieces.astype(np.int32), "piece_mask": piece_mask,
+        "copied": np.pad(dec.special, (0, pad), constant_values=-1).astype(np.int32),
+        "single": np.pad(single, (0, pad), constant_values=-1).astype(np.int32),
+        "valid": np.arange(capacity) < v,
+    }, surface_bytes
+
+
+def lm_rows(texts: Sequence[str], tok, seq_len: int, surface_bytes: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows of ``seq_len`` (+1) tokens of ``texts`` under ``tok`` for next-token loss; ``num_bytes``
+    counts the UTF-8 bytes of the scored (target) tokens."""
     rows = len(texts)
     tokens = np.zeros((rows, seq_len + 1), np.int32)
     valid = np.zeros((rows, seq_len + 1), bool)
@@ -148,24 +173,39 @@ def encode_batch(texts: Sequence[str], tok, base: TextTokenizer, hcfg: HypernetC
         valid[r, :len(ids)] = True
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     loss_mask = (valid[:, :-1] & valid[:, 1:]).astype(np.int32)
-    pad = capacity - v
-    pieces = np.pad(dec.pieces, ((0, pad), (0, hcfg.max_pieces - dec.pieces.shape[1])))
-    piece_mask = np.pad(dec.mask, ((0, pad), (0, hcfg.max_pieces - dec.mask.shape[1])))
-    single = np.where(dec.mask.sum(1) == 1, dec.overlap, -1)  # one base token with the same surface
-    counts = piece_mask.sum(1)
-    order = np.argsort(counts, kind="stable").astype(np.int32)
-    truncated = int((counts[order[:short[0]]] > short[1]).sum()) if short else 0
     return {
-        "order": order, "truncated": np.full((rows,), truncated / rows, np.float32),
         "tokens": inputs, "targets": targets, "loss_mask": loss_mask,
         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy(),
         "segment_ids": valid[:, :-1].astype(np.int32),
         "num_bytes": (surface_bytes[targets] * loss_mask).sum(1).astype(np.int32),
-        "pieces": pieces.astype(np.int32), "piece_mask": piece_mask,
-        "copied": np.pad(dec.special, (0, pad), constant_values=-1).astype(np.int32),
-        "single": np.pad(single, (0, pad), constant_values=-1).astype(np.int32),
-        "valid": np.arange(capacity) < v,
     }
+
+
+def _cut(text: str, encodings, room: int) -> str:
+    """``text`` up to where the first of ``encodings`` runs out of ``room`` tokens."""
+    ends = [enc.offsets[room - 1][1] for enc in encodings if len(enc.ids) > room]
+    return text[:min(ends)] if ends else text
+
+
+def sentence_rows(texts: Sequence[str], tok, base: TextTokenizer, seq_len: int) -> dict[str, np.ndarray]:
+    """The same text under ``tok`` and under the base tokenizer, ``[CLS] text [SEP]`` in at most
+    ``seq_len`` tokens each: each text is cut where the first of the two would overflow, so the
+    student and the teacher embed exactly the same characters."""
+    cls, sep = (tok.token_to_id(base.hf.id_to_token(i)) for i in (base.bos_id, base.eos_id))
+    if cls is None or sep is None:
+        raise ValueError("the sampled tokenizer lacks the base's [CLS]/[SEP] tokens")
+    room = seq_len - 2
+    texts = [_cut(t, (tok.encode(t, add_special_tokens=False), base.hf.encode(t, add_special_tokens=False)), room)
+             for t in texts]
+    out = {name: np.zeros((len(texts), seq_len), np.int32) for name in ("tokens", "mask", "base_tokens", "base_mask")}
+    for r, text in enumerate(texts):
+        for prefix, ids, (first, last) in (
+                ("", tok.encode(text, add_special_tokens=False).ids, (cls, sep)),
+                ("base_", base.hf.encode(text, add_special_tokens=False).ids, (base.bos_id, base.eos_id))):
+            row = [first, *ids[:room], last]
+            out[f"{prefix}tokens"][r, :len(row)] = row
+            out[f"{prefix}mask"][r, :len(row)] = 1
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +227,18 @@ def predicted_matrices(hcfg: HypernetConfig, params, batch, tables, stats,
                             m).astype(jnp.float32) for role, m in pred.items()}
 
 
+def auxiliary_loss(pred: Mapping[str, jax.Array], tables: Mapping[str, jax.Array], single: jax.Array) -> jax.Array:
+    """Mean squared distance, over the base embeddings' mean squared norm, between the predictions
+    for tokens that are one base token (``single`` >= 0: its id) and that token's embeddings."""
+    chosen = (single >= 0).astype(jnp.float32)
+    aux = 0.0
+    for role, m in pred.items():
+        target = jnp.take(tables[role], jnp.maximum(single, 0), axis=0).astype(jnp.float32)
+        mean_sq_norm = jnp.mean(jnp.sum(jnp.square(tables[role].astype(jnp.float32)), -1))
+        aux = aux + jnp.sum(chosen * jnp.sum(jnp.square(m - target), -1)) / mean_sq_norm
+    return aux / jnp.maximum(chosen.sum(), 1.0)
+
+
 def hypernet_task(hcfg: HypernetConfig, lm_module: nn.Module, lm_axes: Any, aux_weight: float = 0.5,
                   seed: int = 0, short: tuple[int, int] | None = None) -> TrainTask:
     """A :class:`TrainTask` whose frozen state is ``{"lm": params, "stats": embedding_stats}``;
@@ -206,14 +258,7 @@ def hypernet_task(hcfg: HypernetConfig, lm_module: nn.Module, lm_axes: Any, aux_
         logits = jnp.where(batch["valid"][None, None, :], out.logits, _MASKED_LOGIT)
         nats = masked_sum(token_nll(logits, batch["targets"]), batch["loss_mask"])
         tokens = jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)
-        single = batch["single"]
-        chosen = (single >= 0).astype(jnp.float32)
-        aux = 0.0
-        for role, m in pred.items():
-            target = jnp.take(tables[role], jnp.maximum(single, 0), axis=0).astype(jnp.float32)
-            mean_sq_norm = jnp.mean(jnp.sum(jnp.square(tables[role].astype(jnp.float32)), -1))
-            aux = aux + jnp.sum(chosen * jnp.sum(jnp.square(m - target), -1)) / mean_sq_norm
-        aux = aux / jnp.maximum(chosen.sum(), 1.0)
+        aux = auxiliary_loss(pred, tables, batch["single"])
         lm_loss = nats / jnp.maximum(tokens, 1.0)
         metrics = {"nats": nats, "tokens": tokens, "bytes": jnp.sum(batch["num_bytes"]).astype(jnp.float32),
                    "aux_loss": aux * tokens, "truncated": jnp.sum(batch["truncated"]), WEIGHT: tokens}
@@ -221,6 +266,42 @@ def hypernet_task(hcfg: HypernetConfig, lm_module: nn.Module, lm_axes: Any, aux_
 
     stats_axes = {f"{role}_{kind}": PartitionSpec(None) for role in hcfg.roles for kind in ("mean", "std")}
     return TrainTask(init_fn=init_fn, objective=objective, frozen_axes={"lm": lm_axes, "stats": stats_axes})
+
+
+def distill_task(hcfg: HypernetConfig, encoder: nn.Module, axes: Any, aux_weight: float = 0.5,
+                 seed: int = 0, short: tuple[int, int] | None = None) -> TrainTask:
+    """The encoder's objective (a sentence-embedding model has no LM head): the mean-pooled
+    sentence embedding under the sampled tokenizer with predicted embeddings against the frozen
+    model's own on the same text with its own tokenizer, ``(1 - cosine) + MSE`` (the MSE over
+    the teacher vectors' mean squared norm, so both terms are scale-free), plus the auxiliary
+    loss. Batches come from :func:`sentence_rows`; ``cosine`` is reported per row."""
+    from jaxtok.models.bert import l2_normalize, mean_pool
+
+    config = encoder.config
+
+    def init_fn(rng):
+        return init_params(hcfg, jax.random.fold_in(rng, seed))
+
+    def embed(frozen, tokens, mask, words=None):
+        out = encoder.apply({"params": frozen["lm"]}, tokens, mask, input_embeddings=words)
+        return mean_pool(out.last_hidden, mask)
+
+    def objective(params, batch, rng, frozen):
+        del rng
+        tables = base_tables(config, frozen["lm"])
+        pred = predicted_matrices(hcfg, params, batch, tables, frozen["stats"], short)
+        student = embed(frozen, batch["tokens"], batch["mask"], pred["input"])
+        teacher = embed(frozen, batch["base_tokens"], batch["base_mask"])
+        cosine = jnp.sum(l2_normalize(student) * l2_normalize(teacher), -1)
+        mse = jnp.sum(jnp.square(student - teacher), -1) / jnp.mean(jnp.sum(jnp.square(teacher), -1))
+        aux = auxiliary_loss(pred, tables, batch["single"])
+        rows = jnp.asarray(cosine.shape[0], jnp.float32)
+        metrics = {"cosine": jnp.sum(cosine), "mse": jnp.sum(mse), "aux_loss": aux * rows,
+                   "truncated": jnp.sum(batch["truncated"]), WEIGHT: rows}
+        return jnp.mean(1.0 - cosine) + jnp.mean(mse) + aux_weight * aux, metrics
+
+    stats_axes = {f"{role}_{kind}": PartitionSpec(None) for role in hcfg.roles for kind in ("mean", "std")}
+    return TrainTask(init_fn=init_fn, objective=objective, frozen_axes={"lm": axes, "stats": stats_axes})
 
 
 def frozen_state(lm_config: Any, lm_params: Mapping[str, Any]) -> dict[str, Any]:
@@ -279,6 +360,13 @@ class HypernetExperiment:
             raise ValueError("rows, seq_len and steps must be >= 1 and queue >= 0")
 
 
+def minilm() -> HypernetExperiment:
+    """MiniLM-L6 (an encoder) by distillation: sentence rows of 64 tokens, 16 a step."""
+    return dataclasses.replace(
+        HypernetExperiment(), name="minilm", model="minilm-l6", run_dir="runs/hypernet-minilm", rows=16,
+        seq_len=64, eval_rows=64)
+
+
 def smollm2() -> HypernetExperiment:
     """The real run for SmolLM2-135M on this CPU: ~1k LM tokens and a 4-8k vocabulary a step."""
     return HypernetExperiment()
@@ -293,7 +381,7 @@ def tiny() -> HypernetExperiment:
         queue=1, steps=4, eval_every=2, eval_rows=2, checkpoint_every=2, dtype="float32", progress=False)
 
 
-PRESETS = {"smollm2": smollm2, "tiny": tiny}
+PRESETS = {"smollm2": smollm2, "minilm": minilm, "tiny": tiny}
 
 
 def get_experiment(name: str) -> HypernetExperiment:
@@ -368,13 +456,13 @@ def read_documents(texts: str) -> list[str]:
 
 
 def eval_batches(config: HypernetExperiment, docs: Sequence[str], base: TextTokenizer,
-                 hcfg: HypernetConfig) -> list[dict[str, np.ndarray]]:
+                 hcfg: HypernetConfig, sentences: bool = False) -> list[dict[str, np.ndarray]]:
     """Fixed held-out rows under one fixed sampled tokenizer: the run's yardstick in bits/byte."""
     if config.eval_rows < 1 or not docs:
         return []
     data = HypernetBatches(docs, base, hcfg, config.sampler, rows=config.eval_rows, seq_len=config.seq_len,
                            queue=0, seed=config.seed + 1_000_003, short_fraction=config.short_fraction,
-                           short_width=config.short_width)
+                           short_width=config.short_width, sentences=sentences)
     # rows of one batch per data-parallel chunk of ``rows``: same tokenizer for all of them
     batch = data.batch(0)
     return [{k: v[i:i + config.rows] if v.shape[0] == config.eval_rows else v for k, v in batch.items()}
@@ -417,14 +505,16 @@ def run(config: HypernetExperiment, *, base: Any = None, resume: bool = False,
     lm_axes = nn.get_partition_spec(jax.eval_shape(
         lambda: lm_module.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]))
     docs = list(documents) if documents is not None else read_documents(config.texts)
+    encoder = isinstance(lm_config, BertConfig)  # trained by distillation (no LM head)
     data = HypernetBatches(docs, base.tokenizer, hcfg, config.sampler, rows=config.rows, seq_len=config.seq_len,
                            queue=config.queue, seed=config.seed, short_fraction=config.short_fraction,
-                           short_width=config.short_width)
-    task = hypernet_task(hcfg, lm_module, lm_axes, config.aux_weight, config.seed, data.short)
+                           short_width=config.short_width, sentences=encoder)
+    make_task = distill_task if encoder else hypernet_task
+    task = make_task(hcfg, lm_module, lm_axes, config.aux_weight, config.seed, data.short)
     trainer = Trainer(task, config.optimizer, mesh, total_steps=config.steps, seed=config.seed)
     trainer.set_frozen(frozen_state(lm_config, base.params))
     held = list(held_out) if held_out is not None else evaluation_documents()
-    evals = eval_batches(config, held, base.tokenizer, hcfg) if config.eval_every else []
+    evals = eval_batches(config, held, base.tokenizer, hcfg, encoder) if config.eval_every else []
     n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))
     _say(f"hypernetwork {n_params / 1e6:.2f} M params for {config.model} (D {hcfg.embed_dim}, tied {hcfg.tied}); "
          f"{len(docs)} documents, {len(evals)} eval batches, sampled vocabularies padded to {data.capacity}")
@@ -448,7 +538,10 @@ def run(config: HypernetExperiment, *, base: Any = None, resume: bool = False,
         # model FLOPs of a step: the frozen LM's forward + backward to the embeddings, the
         # hypernetwork's over the padded vocabulary (counted per LM token)
         tokens_per_step = config.rows * config.seq_len
-        lm_flops = flops.model_flops_per_token(lm_config, config.seq_len)
+        # the encoder: the student's forward and backward and the teacher's forward (8N a token)
+        d, f = lm_config.d_model, lm_config.d_ff
+        lm_flops = (8 * lm_config.n_layers * (4 * d * d + 2 * d * f) if encoder
+                    else flops.model_flops_per_token(lm_config, config.seq_len))
         slots = data.capacity * hcfg.max_pieces if data.short is None else (
             data.short[0] * data.short[1] + (data.capacity - data.short[0]) * hcfg.max_pieces)
         hn_flops = 6 * n_params * slots / tokens_per_step

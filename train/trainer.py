@@ -38,6 +38,7 @@ Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
 Objective = Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]
 WEIGHT = "weight"  # metric: what the loss was averaged over (tokens for an LM)
+AVERAGED = ("cosine", "mse", "aux_loss")  # metrics an objective sums per unit of its WEIGHT: logged as means
 
 
 class TrainingDiverged(RuntimeError):
@@ -265,7 +266,7 @@ def accumulate_gradients(loss_fn: Objective, params, batch: Batch, rng, micro_ba
     scale = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
     grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     loss = metrics["weighted_loss"] * scale
-    metrics = {k: v for k, v in metrics.items() if k not in (WEIGHT, "weighted_loss")}
+    metrics = {k: v * scale if k in AVERAGED else v for k, v in metrics.items() if k not in (WEIGHT, "weighted_loss")}
     return grads, {**metrics, "loss": loss}
 
 
@@ -307,10 +308,13 @@ def eval_step(params, batch: Batch, *, loss_fn: Objective) -> Metrics:
 
 
 def summarize_eval(totals: Mapping[str, float]) -> dict[str, float]:
-    """Loss (and bits per byte when the objective reports nats and bytes) from summed metrics."""
-    summary = {"loss": float(totals["weighted_loss"]) / max(float(totals[WEIGHT]), 1e-9)}
+    """Loss (and bits per byte when the objective reports nats and bytes, and the mean of the
+    :data:`AVERAGED` metrics it reports) from summed metrics."""
+    weight = max(float(totals[WEIGHT]), 1e-9)
+    summary = {"loss": float(totals["weighted_loss"]) / weight}
     if "nats" in totals and float(totals.get("bytes", 0)) > 0:
         summary["bpb"] = bits_per_byte(float(totals["nats"]), int(totals["bytes"]))
+    summary.update({name: float(totals[name]) / weight for name in AVERAGED if name in totals})
     return summary
 
 
