@@ -18,13 +18,16 @@ from jaxtok.train.trainer import TrainTask, lm_objective
 OPT = OptimizerConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1, eps=1e-3)
 
 
-def _embeddings_only(path):
-    return path[0] == "embedding"
-
-
 def test_trainable_mask_moves_only_the_selected_parameters():
+    """``jaxtok pretrain --set trainable=embeddings``: the mask ``build_task`` attaches."""
+    from jaxtok.train import configs, pretrain
+
+    config = configs.apply_overrides(configs.get_config("tiny"), ["trainable=embeddings"])
+    task = pretrain.build_task(config, pretrain.train_bpe(["a tiny corpus of text"] * 4, 300))[0]
+    assert task.trainable(("embedding",)) and not task.trainable(("layers", "attn"))
     base = lm_task(llama.Llama(LLAMA))
-    task = TrainTask(init_fn=base.init_fn, apply_fn=base.apply_fn, trainable=_embeddings_only)
+    assert LLAMA.tie_embeddings  # one matrix: the embedding
+    task = TrainTask(init_fn=base.init_fn, apply_fn=base.apply_fn, trainable=pretrain.embeddings_only(LLAMA))
     trainer = Trainer(task, OPT, make_mesh(None, jax.devices()[:1]), total_steps=10)
     state = trainer.init_state(jax.random.key(0))
     before = jax.device_get(state.params)

@@ -42,6 +42,7 @@ from . import flops
 from .trainer import OptimizerConfig, TrainTask, lm_task
 
 DTYPES = ("float32", "bfloat16")
+TRAINABLE = ("all", "embeddings")
 BOS = "<|endoftext|>"  # document separator of the trained BPE (SmolLM2 has the same token)
 # model.* fields the experiment sets itself
 DERIVED_MODEL_FIELDS = frozenset({"vocab_size", "dtype", "param_dtype"})
@@ -176,6 +177,8 @@ class ExperimentConfig:
       mesh: ``data=2,fsdp=2,tensor=2`` (missing axes are 1; empty: every device on ``data``).
       dtype: compute dtype; param_dtype: storage (master) dtype of parameters.
       progress: show the progress bar.
+      trainable: ``all`` parameters, or only the ``embeddings`` (the input and output embedding
+        matrices: continued training of a transferred model whose body stays frozen).
     """
 
     name: str = "default"
@@ -199,8 +202,11 @@ class ExperimentConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     progress: bool = True
+    trainable: str = "all"
 
     def __post_init__(self):
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.eval_every < 0 or self.checkpoint_every < 0:

@@ -160,7 +160,22 @@ def build_task(config: configs.ExperimentConfig, tokenizer: Tokenizer | None, pr
         vocab = model_vocab_size(tokenizer) if family.data.uses_tokenizer else None
         model_config = config.model_config(vocab_size=vocab)
         params = None
-    return family.task(family.module_cls(model_config), config), params, model_config
+    task = family.task(family.module_cls(model_config), config)
+    if config.trainable == "embeddings":
+        task = dataclasses.replace(task, trainable=embeddings_only(model_config))
+    return task, params, model_config
+
+
+def embeddings_only(model_config: Any):
+    """``TrainTask.trainable`` for the embedding matrices of ``model_config``'s family (where
+    tokenizer transfer registered them)."""
+    from jaxtok.transfer.api import EMBEDDING_SLOTS
+
+    slots = EMBEDDING_SLOTS.get(type(model_config))
+    if slots is None:
+        raise ValueError(f"trainable=embeddings: no embedding matrices registered for {type(model_config).__name__}")
+    names = set(slots.names(model_config).values())
+    return lambda path: path[0] in names
 
 
 def _load_pretrained(config: configs.ExperimentConfig) -> Any:
