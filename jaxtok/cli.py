@@ -4,7 +4,7 @@
   jaxtok eval-bpb --model smollm2-135m --text FILE
   jaxtok generate --model smollm2-135m --prompt "Hello"
   jaxtok pretrain [--config NAME] [--set key=value ...] [--mesh data=2,fsdp=2] [--run-dir DIR] [--resume]
-  jaxtok train-hypernet [--model smollm2-135m] [--config smollm2|tiny] [--set key=value ...] [--resume]
+  jaxtok train-hypernet [--config smollm2|minilm|tiny] [--set key=value ...] [--resume | --export-only]
   jaxtok grow --from RUN_DIR --to NEW_RUN_DIR --set model.ffn_tokens=N [--mode zero|random] [--steps N]
   jaxtok train-tokenizer --text FILE... --kind bpe|unigram --vocab-size N [--base MODEL] --out NEW.json
   jaxtok transfer --model smollm2-135m --tokenizer NEW.json --method fvt --out DIR [--donor RUN_DIR]
@@ -138,11 +138,11 @@ def cmd_train_hypernet(args) -> int:
     from jaxtok.train import hypernet, pretrain
 
     config = hypernet.apply_overrides(hypernet.get_experiment(args.config), args.set)
-    extra = {"model": args.model, "model_path": args.model_path}
-    extra.update({k: v for k, v in (("mesh", args.mesh), ("run_dir", args.run_dir)) if v is not None})
+    extra = {k: v for k, v in (("model", args.model), ("model_path", args.model_path), ("mesh", args.mesh),
+                               ("run_dir", args.run_dir)) if v is not None}
     config = dataclasses.replace(config, **extra)
     pretrain.enable_compilation_cache()
-    hypernet.run(config, resume=args.resume)
+    hypernet.run(config, resume=args.resume or args.export_only, export_only=args.export_only)
     return 0
 
 
@@ -254,14 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_transfer)
 
     p = sub.add_parser("train-hypernet", help="train a ZeTT hypernetwork for a frozen pretrained LM")
-    p.add_argument("--model", default="smollm2-135m", help="the frozen base LM")
+    p.add_argument("--model", default=None, help="the frozen base LM (default: the preset's)")
     p.add_argument("--model-path", default=None, help="local copy of the base LM (default: cached download)")
-    p.add_argument("--config", default="smollm2", help="preset: smollm2 (the real run) or tiny")
+    p.add_argument("--config", default="smollm2", help="preset: smollm2 / minilm (the real runs) or tiny")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override fields, e.g. steps=100 hypernet.d_model=256 sampler.vocab_range=2048,4096")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=2")
     p.add_argument("--run-dir", default=None, help="where checkpoints, metrics and the weights go")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+    p.add_argument("--export-only", action="store_true",
+                   help="write the latest checkpoint's weights to RUN_DIR/hypernet and stop (no training)")
     p.set_defaults(func=cmd_train_hypernet)
 
     # grow parses its own arguments (jaxtok.train.grow.build_parser, imported only when used):

@@ -240,6 +240,13 @@ def _resume_runs(tmp_path, lm, docs, held, base):
     with pytest.raises(ValueError, match="already holds checkpoints"):
         hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "b")), base=lm, documents=docs,
                      held_out=held, devices=jax.devices()[:1])
+    # --export-only: the latest checkpoint's weights, nothing trained
+    exported = hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "b")), base=lm, documents=docs,
+                            held_out=held, devices=jax.devices()[:1], resume=True, export_only=True)
+    assert hn.load_hypernet(exported.weights)[2]["steps"] == 2 and len(losses(tmp_path / "b")) == 2
+    with pytest.raises(FileNotFoundError, match="no checkpoint to export"):
+        hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "c")), base=lm, documents=docs,
+                     held_out=held, devices=jax.devices()[:1], resume=True, export_only=True)
     hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "b")), base=lm, documents=docs, held_out=held,
                  devices=jax.devices()[:1], resume=True)
     np.testing.assert_array_equal(losses(tmp_path / "b"), losses(tmp_path / "a"))

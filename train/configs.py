@@ -468,8 +468,8 @@ def config_from_json(data: Mapping[str, Any], cls: type = ExperimentConfig) -> A
     return cls(**{k: None if v is None else _from_json_value(v, hints[k], k) for k, v in data.items()})
 
 
-def saved_config(checkpoint_dir: Path) -> tuple[int, ExperimentConfig]:
-    """``(step, config)`` of the newest checkpoint in ``checkpoint_dir`` whose config reads."""
+def saved_config_json(checkpoint_dir: Path) -> tuple[int, dict[str, Any]]:
+    """``(step, config as JSON)`` of the newest checkpoint in ``checkpoint_dir`` whose config reads."""
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(checkpoint_dir) as manager:
@@ -478,5 +478,11 @@ def saved_config(checkpoint_dir: Path) -> tuple[int, ExperimentConfig]:
                 items = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
             except Exception:  # noqa: BLE001 - a damaged step: restore_latest reports it later
                 continue
-            return step, config_from_json(items["config"])
+            return step, items["config"]
     raise FileNotFoundError(f"no readable checkpoint in {checkpoint_dir}")
+
+
+def saved_config(checkpoint_dir: Path) -> tuple[int, ExperimentConfig]:
+    """``(step, config)`` of the newest checkpoint in ``checkpoint_dir`` whose config reads."""
+    step, data = saved_config_json(checkpoint_dir)
+    return step, config_from_json(data)

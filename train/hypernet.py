@@ -117,11 +117,15 @@ class HypernetBatches:
         self._ahead.step = self.step
         return batch
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        texts = self.texts(step)
+    def tokenizer(self, step: int):
+        """Step ``step``'s sampled tokenizer (from its text and the queue's)."""
         history = [t for s in range(max(0, step - self.queue), step) for t in self.texts(s)]
         rng = np.random.default_rng([self.seed, step])
-        tok = sample_tokenizer(texts + history, rng, self.sampler, self.specials)
+        return sample_tokenizer(self.texts(step) + history, rng, self.sampler, self.specials)
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        texts = self.texts(step)
+        tok = self.tokenizer(step)
         vocab, surface_bytes = vocabulary_arrays(tok, self.base, self.hcfg, self.capacity, self.short)
         rows = (sentence_rows(texts, tok, self.base, self.seq_len) if self.sentences
                 else lm_rows(texts, tok, self.seq_len, surface_bytes))
@@ -455,16 +459,22 @@ def read_documents(texts: str) -> list[str]:
     return [p.read_text(encoding="utf-8") for p in paths]
 
 
-def eval_batches(config: HypernetExperiment, docs: Sequence[str], base: TextTokenizer,
-                 hcfg: HypernetConfig, sentences: bool = False) -> list[dict[str, np.ndarray]]:
-    """Fixed held-out rows under one fixed sampled tokenizer: the run's yardstick in bits/byte."""
-    if config.eval_rows < 1 or not docs:
-        return []
-    data = HypernetBatches(docs, base, hcfg, config.sampler, rows=config.eval_rows, seq_len=config.seq_len,
+def eval_data(config: HypernetExperiment, docs: Sequence[str], base: TextTokenizer, hcfg: HypernetConfig,
+              sentences: bool = False) -> HypernetBatches:
+    """The held-out rows' source: its step 0 (one fixed sampled tokenizer) is the run's yardstick."""
+    return HypernetBatches(docs, base, hcfg, config.sampler, rows=config.eval_rows, seq_len=config.seq_len,
                            queue=0, seed=config.seed + 1_000_003, short_fraction=config.short_fraction,
                            short_width=config.short_width, sentences=sentences)
+
+
+def eval_batches(config: HypernetExperiment, docs: Sequence[str], base: TextTokenizer,
+                 hcfg: HypernetConfig, sentences: bool = False) -> list[dict[str, np.ndarray]]:
+    """Fixed held-out rows under one fixed sampled tokenizer, in bits per byte (the encoder:
+    cosine to the original sentence embeddings), in batches of ``config.rows``."""
+    if config.eval_rows < 1 or not docs:
+        return []
+    batch = eval_data(config, docs, base, hcfg, sentences).batch(0)
     # rows of one batch per data-parallel chunk of ``rows``: same tokenizer for all of them
-    batch = data.batch(0)
     return [{k: v[i:i + config.rows] if v.shape[0] == config.eval_rows else v for k, v in batch.items()}
             for i in range(0, config.eval_rows, config.rows)]
 
@@ -479,11 +489,12 @@ class HypernetRun:
 
 def run(config: HypernetExperiment, *, base: Any = None, resume: bool = False,
         devices: Sequence[Any] | None = None, documents: Sequence[str] | None = None,
-        held_out: Sequence[str] | None = None) -> HypernetRun:
+        held_out: Sequence[str] | None = None, export_only: bool = False) -> HypernetRun:
     """Trains the hypernetwork of ``config`` in ``config.run_dir`` (checkpoints, metrics.jsonl,
     loss.png) and exports the final weights to ``run_dir/hypernet`` (see :func:`save_hypernet`).
     ``base``: an already loaded LM instead of ``config.model``; ``documents``/``held_out``: texts
-    instead of ``config.texts`` and the default held-out files."""
+    instead of ``config.texts`` and the default held-out files; ``export_only``: export the latest
+    checkpoint's weights without training (a run still going, or one stopped early)."""
     from pathlib import Path
 
     from jaxtok.models.registry import load_pretrained_lm, module_for
@@ -533,6 +544,8 @@ def run(config: HypernetExperiment, *, base: Any = None, resume: bool = False,
             data.set_state(restored.data_state)
             state = restored.state
             _say(f"resumed from step {restored.step} ({checkpointer.directory})")
+        elif export_only:
+            raise FileNotFoundError(f"{checkpointer.directory}: no checkpoint to export")
         else:
             state = trainer.init_state(jax.random.key(config.seed))
         # model FLOPs of a step: the frozen LM's forward + backward to the embeddings, the
@@ -549,16 +562,18 @@ def run(config: HypernetExperiment, *, base: Any = None, resume: bool = False,
             peak = flops.peak_flops(config.dtype, mesh.devices.flat[0]).flops_per_s
         except ValueError:
             peak = None
-        try:
-            with RunObserver(run_dir, total_steps=config.steps, start_step=int(jax.device_get(state.step)),
-                             tokens_per_step=tokens_per_step, flops_per_token=lm_flops + hn_flops,
-                             peak_flops=peak, progress=config.progress) as observer:
-                state = fit(trainer, state, data, loop, eval_batches=evals, checkpointer=checkpointer,
-                            observer=observer)
-                summary = observer.summary()
-        finally:
-            if jax.process_index() == 0:
-                plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE)
+        summary = {}
+        if not export_only:
+            try:
+                with RunObserver(run_dir, total_steps=config.steps, start_step=int(jax.device_get(state.step)),
+                                 tokens_per_step=tokens_per_step, flops_per_token=lm_flops + hn_flops,
+                                 peak_flops=peak, progress=config.progress) as observer:
+                    state = fit(trainer, state, data, loop, eval_batches=evals, checkpointer=checkpointer,
+                                observer=observer)
+                    summary = observer.summary()
+            finally:
+                if jax.process_index() == 0:
+                    plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE)
     weights = save_hypernet(run_dir / "hypernet", hcfg, jax.device_get(state.params),
                             {"base_model": config.model, "steps": int(jax.device_get(state.step)),
                              "experiment": saved_config}, overwrite=True)
