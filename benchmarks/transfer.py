@@ -1,7 +1,10 @@
-"""Tokenizer transfer: the five training-free methods on the same held-out text.
+"""Tokenizer transfer: the five training-free methods and the shipped ZeTT hypernetwork on the
+same held-out text.
 
     python benchmarks/transfer.py                      # SmolLM2-135M + MiniLM, ~30-40 min on 2 loaded cores
     python benchmarks/transfer.py --quick              # small text and vocabularies: a smoke run
+    python benchmarks/transfer.py --methods fvt,hypernet --skip-minilm   # some rows only (no donor
+                                                       # unless omp is among them)
 
 Domains (SmolLM2-135M-Instruct, float32):
 * ``multilingual``: Debian's German, Spanish and Italian man pages (``manpages-de/-es/-it``,
@@ -42,9 +45,11 @@ import numpy as np
 
 from jaxtok.data.manpages import LANGS, manpage_split  # the fixed split, shared with train-hypernet
 
-METHODS = ("mean", "fvt", "focus", "omp", "tokenadapt")
+METHODS = ("mean", "fvt", "focus", "omp", "tokenadapt", "hypernet")
 # (label, method, options): every method at its defaults, plus OMP with few atoms (the donor here is
-# a 2-layer d=128 Llama: k=64 atoms in 128 dimensions fit noise)
+# a 2-layer d=128 Llama: k=64 atoms in 128 dimensions fit noise). ``hypernet``: the hypernetwork
+# shipped for the base model (its row is left out for a model without one); the benchmark's
+# tokenizers are BPEs trained on the tokenizer split, never seen by the hypernetwork's training.
 RUNS = [*((m, m, ()) for m in METHODS), ("omp_k8", "omp", ("k=8",))]
 
 
@@ -135,11 +140,21 @@ def shared_embedder():
     return run
 
 
-def transfer_all(base, new_hf, texts, donor, embedder, base_name):
+def selected_runs(methods: str, base_name: str) -> list[tuple[str, str, tuple]]:
+    from jaxtok.transfer.hypernet import shipped_hypernet
+
+    wanted = set(methods.split(",")) if methods else {m for _, m, _ in RUNS}
+    unknown = wanted - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; available: {', '.join(METHODS)}")
+    return [r for r in RUNS if r[1] in wanted and (r[1] != "hypernet" or shipped_hypernet(base_name))]
+
+
+def transfer_all(base, new_hf, texts, donor, embedder, base_name, methods=""):
     from jaxtok.transfer import transfer
 
     out = {}
-    for label, method, options in RUNS:
+    for label, method, options in selected_runs(methods, base_name):
         kwargs = {"texts": texts} if method == "focus" else {"donor": donor} if method == "omp" else \
             {"embedder": embedder} if method == "tokenadapt" else {}
         start = time.perf_counter()
@@ -163,17 +178,19 @@ def run_smollm2(domain: str, train_docs, eval_text, args, work, smollm2, embedde
     tok_path = work / domain / "tokenizer.json"
     tok_path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(tok_path))
-    start = time.perf_counter()
-    donor_dir = train_donor(tok_path, train_docs, work / domain, args.donor_steps)
-    donor = load_pretrained_lm("donor", donor_dir)
-    print(f"  donor trained in {time.perf_counter() - start:.0f}s", flush=True)
+    donor = None
+    if any(m == "omp" for _, m, _ in selected_runs(args.methods, "smollm2-135m")):
+        start = time.perf_counter()
+        donor = load_pretrained_lm("donor", train_donor(tok_path, train_docs, work / domain, args.donor_steps))
+        print(f"  donor trained in {time.perf_counter() - start:.0f}s", flush=True)
     n_bytes = len(eval_text.encode("utf-8"))
     base_bpb = bpb(smollm2, eval_text, args.window)
     base_tpb = len(smollm2.tokenizer.encode(eval_text)) / n_bytes
     rows = [{"domain": domain, "method": "original", "bpb": base_bpb, "ratio": 1.0, "tpb": base_tpb,
              "tpb_original": base_tpb, "seconds": 0.0}]
     new_tpb = len(tok.encode(eval_text, add_special_tokens=False).ids) / n_bytes
-    for method, (lm, seconds) in transfer_all(smollm2, tok, train_docs, donor, embedder, "smollm2-135m").items():
+    for method, (lm, seconds) in transfer_all(smollm2, tok, train_docs, donor, embedder, "smollm2-135m",
+                                              args.methods).items():
         value = bpb(lm, eval_text, args.window)
         rows.append({"domain": domain, "method": method, "bpb": value, "ratio": value / base_bpb, "tpb": new_tpb,
                      "tpb_original": base_tpb, "seconds": seconds})
@@ -194,8 +211,10 @@ def run_minilm(train_docs, eval_lines, args, work, embedder) -> dict[str, float]
     tok_path = work / "minilm" / "tokenizer.json"
     tok_path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(tok_path))
-    donor = load_pretrained_lm("donor", train_donor(tok_path, train_docs, work / "minilm", args.donor_steps,
-                                                    bos_token="[SEP]"))
+    donor = None
+    if any(m == "omp" for _, m, _ in selected_runs(args.methods, "minilm-l6")):
+        donor = load_pretrained_lm("donor", train_donor(tok_path, train_docs, work / "minilm", args.donor_steps,
+                                                        bos_token="[SEP]"))
 
     def embed(config, params, hf, embeddings=None):
         rows = [e.ids[:128] for e in hf.encode_batch(eval_lines)]
@@ -208,7 +227,7 @@ def run_minilm(train_docs, eval_lines, args, work, embedder) -> dict[str, float]
 
     reference = embed(minilm.config, minilm.params, minilm.tokenizer.hf)
     cos = {}
-    for method, (lm, _) in transfer_all(minilm, tok, train_docs, donor, embedder, "minilm-l6").items():
+    for method, (lm, _) in transfer_all(minilm, tok, train_docs, donor, embedder, "minilm-l6", args.methods).items():
         vectors = embed(lm.config, lm.params, tok)
         cos[method] = float(np.mean(np.sum(vectors * reference, axis=1)))
         print(f"  {method}: mean cosine {cos[method]:.4f}", flush=True)
@@ -232,7 +251,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     domains = sorted({r["domain"] for r in rows})
     fig, ax = plt.subplots(figsize=(8, 4))
-    labels = ("original", *(label for label, _, _ in RUNS))
+    labels = tuple(dict.fromkeys(r["method"] for r in rows))  # original first, then the methods run
     width = 0.8 / len(labels)
     for j, method in enumerate(labels):
         values = [next(r["bpb"] for r in rows if r["domain"] == d and r["method"] == method) for d in domains]
@@ -261,6 +280,7 @@ def main(argv=None) -> int:
     parser.add_argument("--donor-steps", type=int, default=None, help="OMP donor training steps (default 300)")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--methods", default="", help=f"comma-separated subset of {','.join(METHODS)} (default all)")
     args = parser.parse_args(argv)
     args.vocab = args.vocab or (2048 if args.quick else 16384)
     args.eval_bytes = args.eval_bytes or (4000 if args.quick else 24000)
