@@ -129,7 +129,7 @@ def transfer(base: Any, new_tokenizer: Tokenizer | TextTokenizer, method: str = 
     start = time.perf_counter()
     dec = decomposition or decompose(base.tokenizer, hf, require_chat_tokens=keep_chat_template)
     ctx = methods_lib.MethodContext(base=base, new=TextTokenizer(hf=hf), texts=texts, donor=donor,
-                                    embedder=embedder, aux=aux or {})
+                                    embedder=embedder, aux=aux or {}, base_name=base_name)
     aux_arrays = spec.prepare(ctx, dec, options)
     base_matrices = {role: jnp.asarray(m) for role, m in embedding_matrices(base.config, base.params).items()}
     new_matrices = spec.apply(base_matrices, dec, aux_arrays, options)

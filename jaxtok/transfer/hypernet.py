@@ -259,6 +259,9 @@ def save_hypernet(directory, config: HypernetConfig, params, metadata: Mapping[s
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(
             {"hypernet": dataclasses.asdict(config), "dtype": dtype, **(metadata or {})}, indent=1, default=str))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make shipped package data unreadable to other users
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            (tmp / name).chmod(0o644)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -332,7 +335,7 @@ def hypernet_prepare(ctx, dec, options: HypernetOptions) -> dict:
 
     if "hypernet" in ctx.aux:
         return {"hypernet": ctx.aux["hypernet"]}
-    base_name = getattr(ctx, "base_name", None) or ""
+    base_name = ctx.base_name or ""
     folder = options.path or shipped_hypernet(base_name)
     if not folder:
         raise TransferError(f"no hypernetwork shipped for {base_name or 'this model'}: pass --option "

@@ -427,8 +427,9 @@ def tokenadapt_apply(base: Mapping[str, jax.Array], dec: Decomposition, aux: Map
 @dataclasses.dataclass(frozen=True)
 class MethodContext:
     """What ``prepare`` may use: the base and new tokenizers, target-domain ``texts`` (focus), a
-    ``donor`` LM (omp), an ``embedder`` (tokenadapt; texts -> vectors), and precomputed ``aux``
-    arrays that skip the host work (tests and the deepfocus comparison feed vectors this way)."""
+    ``donor`` LM (omp), an ``embedder`` (tokenadapt; texts -> vectors), precomputed ``aux``
+    arrays that skip the host work (tests and the deepfocus comparison feed vectors this way),
+    and the base model's name (hypernet: which shipped weights fit it)."""
 
     base: Any
     new: Any
@@ -436,6 +437,7 @@ class MethodContext:
     donor: Any = None
     embedder: Callable[[Sequence[str]], np.ndarray] | None = None
     aux: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    base_name: str | None = None
 
 
 def _no_prepare(ctx, dec, options) -> dict[str, Any]:
