@@ -60,8 +60,10 @@ def make_nll_fn(apply_fn: Callable[..., Any]) -> Callable:
 
 def evaluate_bpb(apply_fn: Callable[..., Any], params: Any, tokenizer: TextTokenizer, text: str,
                  window: int = 1024, stride: int | None = None, batch_size: int = 4,
-                 progress: bool = True) -> BPBResult:
-    """Bits per byte of ``text``. ``apply_fn(params, tokens (B,T), positions (B,T)) -> logits``."""
+                 progress: bool = True, nll_fn: Callable | None = None) -> BPBResult:
+    """Bits per byte of ``text``. ``apply_fn(params, tokens (B,T), positions (B,T)) -> logits``;
+    or ``nll_fn`` (the summed-nats function :func:`make_nll_fn` would build) scores each window
+    another way (TokenSelect's chunked prefill: ``jaxtok.decode.tokenselect.make_nll_fn``)."""
     if not text:
         raise ValueError("cannot evaluate bits per byte on empty text")
     stride = window // 2 if stride is None else stride
@@ -76,7 +78,7 @@ def evaluate_bpb(apply_fn: Callable[..., Any], params: Any, tokenizer: TextToken
         raise ValueError("text too short: no token to score")
     ids = np.asarray(ids, np.int32)
     spans = sliding_windows(len(ids), window, stride)
-    nll_fn = make_nll_fn(apply_fn)
+    nll_fn = make_nll_fn(apply_fn) if nll_fn is None else nll_fn
     total, scored = 0.0, 0
     batches = [spans[i:i + batch_size] for i in range(0, len(spans), batch_size)]
     for batch in tqdm(batches, desc="bits/byte", disable=not progress, unit="batch"):

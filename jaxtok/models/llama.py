@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
+from jaxtok.decode import tokenselect
 from jaxtok.nn import attention as attn
 from jaxtok.nn.layers import (
     DenseGeneral,
@@ -111,12 +112,15 @@ class KVCache:
     """Keys/values of every layer, written at ``end`` and advanced by each call.
 
     k, v: (L, B, S, K, D); positions: (B, S) with -1 for slots not yet written (or padding).
+    selection: TokenSelect's selection cache (:class:`jaxtok.decode.tokenselect.SelectionState`)
+    when decoding with one, else None.
     """
 
     k: jax.Array
     v: jax.Array
     positions: jax.Array
     end: jax.Array
+    selection: Any = None
 
     @classmethod
     def create(cls, config: LlamaConfig, batch: int, length: int, dtype=None) -> KVCache:
@@ -188,8 +192,9 @@ class Block(nn.Module):
                          "btd,dhk->bthk", name="v", **dense)(h)
         q = constrain(rotary_embedding(q, positions, cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
         k = rotary_embedding(k, positions, cfg.rope_theta)
+        select = visibility if isinstance(visibility, tokenselect.Request) else None
         if layer_cache is not None:
-            ck, cv = layer_cache
+            ck, cv = layer_cache[:2]
             # Only this call's entries leave the block; the caller writes them into the stacked
             # cache in place (stacking whole per-layer caches would copy the cache every step).
             new_layer_cache = (k.astype(ck.dtype), v.astype(cv.dtype))  # (B, T, K, D) each
@@ -199,10 +204,16 @@ class Block(nn.Module):
         else:
             new_layer_cache = None
             k_positions, k_segments = positions, segment_ids
-        out = attn.dot_product_attention(
-            q, k.astype(dt), v.astype(dt), q_positions=positions, k_positions=k_positions,
-            q_segment_ids=segment_ids if k_segments is not None else None, k_segment_ids=k_segments,
-            causal=True, impl=attn.AttentionImpl(cfg.attention), visibility=visibility)
+        if select is not None:  # TokenSelect: this layer selects its keys (tokenselect.attend)
+            dense_flag, state = layer_cache[2]
+            out, state = tokenselect.attend(q, k.astype(dt), v.astype(dt), positions, k_positions, cache_end,
+                                            select.config, attn.AttentionImpl(cfg.attention), state, dense_flag)
+            new_layer_cache = new_layer_cache + (state,)
+        else:
+            out = attn.dot_product_attention(
+                q, k.astype(dt), v.astype(dt), q_positions=positions, k_positions=k_positions,
+                q_segment_ids=segment_ids if k_segments is not None else None, k_segment_ids=k_segments,
+                causal=True, impl=attn.AttentionImpl(cfg.attention), visibility=visibility)
         out = DenseGeneral((cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"),
                            "bthk,hkd->btd", name="o", **dense)(out)
         x = constrain(x + out, ("batch", "length", "embed"))
@@ -228,6 +239,10 @@ class Llama(nn.Module):
     Positions default to 0..T-1; ``segment_ids`` (0 = padding) keep packed documents apart.
     ``visibility`` (:class:`jaxtok.nn.attention.Visibility`) goes to every layer's attention: a
     draft tree verified against the cache (speculative decoding) or selected key slots.
+    ``sparse`` (:class:`jaxtok.decode.tokenselect.TokenSelectConfig`) makes every layer select its
+    keys with TokenSelect (needs ``cache``: decoding, or one chunk of
+    :func:`jaxtok.decode.tokenselect.chunked_prefill`); the cache's ``selection`` state, when set,
+    is the selection cache of one-token steps.
     """
 
     config: LlamaConfig
@@ -258,6 +273,7 @@ class Llama(nn.Module):
         compute_logits: bool = True,
         last_logits_only: bool = False,
         visibility: attn.Visibility | None = None,
+        sparse: tokenselect.TokenSelectConfig | None = None,
     ) -> LMOutput:
         """``last_logits_only`` returns logits (B, 1, V) of the last position only, all that
         generation needs after a prefill (the output layer is ~20% of a 512-token prefill)."""
@@ -268,15 +284,30 @@ class Llama(nn.Module):
             cache, dt)
         t = x.shape[1]
         end = None if cache is None else cache.end
+        use_state = False
+        if sparse is not None:
+            if visibility is not None or segment_ids is not None:
+                raise ValueError("sparse attention selects its own visibility: pass no visibility or segment_ids")
+            if cache is None:
+                raise ValueError("TokenSelect attends over a KV cache: pass cache (decode, or chunked_prefill)")
+            visibility = tokenselect.Request(sparse)
+            use_state = cache.selection is not None and t == 1  # the selection cache serves decode steps
+            state = cache.selection if use_state else None
+            layer_caches = layer_caches + ((tokenselect.dense_flags(sparse, cfg.n_layers),
+                                            None if state is None else (state.query, state.top, state.hits,
+                                                                        state.steps)),)
         x, new_layer_caches = run_layers(self.blocks, Block, cfg, x, layer_caches, positions,
                                          (segment_ids, visibility), cache_positions, end)
         x = self.final_norm(x)
         new_cache = None
         if cache is not None:
-            new_k, new_v = new_layer_caches  # (L, B, T, K, D)
+            new_k, new_v = new_layer_caches[:2]  # (L, B, T, K, D)
             k = jax.lax.dynamic_update_slice_in_dim(cache.k, new_k, cache.end, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(cache.v, new_v, cache.end, axis=2)
-            new_cache = KVCache(k=k, v=v, positions=cache_positions, end=cache.end + t)
+            selection = cache.selection
+            if use_state:
+                selection = tokenselect.SelectionState(*new_layer_caches[2])
+            new_cache = KVCache(k=k, v=v, positions=cache_positions, end=cache.end + t, selection=selection)
         logits = lm_logits(self, x, output_embeddings, last_logits_only) if compute_logits else None
         return LMOutput(logits=logits, hidden=x if return_hidden else None, cache=new_cache)
 

@@ -52,8 +52,10 @@ class Visibility:
         Keys outside the block follow positions alone.
       block_start: () int, first key slot of the block (the KV cache's ``end`` when the block is
         written into the cache).
-      selected: (B, K, N) int key slots per (row, key/value head), -1 for unused entries: only
-        these slots are visible (sparse selection; the kernel is issue 13's).
+      selected: (B, K, N) int key slots per (row, key/value head), or (B, 1, N) shared by every
+        key/value head; -1 for unused entries, no slot twice in a list: only these slots are
+        visible (sparse selection: :mod:`jaxtok.decode.tokenselect`; kernel
+        ``kernels/sparse_decode_attention.py``).
     """
 
     tree: jax.Array | None = None
@@ -77,9 +79,10 @@ class Visibility:
             if self.tree.shape != (b, t, t):
                 raise ValueError(f"Visibility.tree {self.tree.shape} is not (B, T, T) = {(b, t, t)} "
                                  f"for queries (B, T) = {(b, t)}")
-        if self.selected is not None and (self.selected.ndim != 3 or self.selected.shape[:2] != (b, k_shape[2])):
-            raise ValueError(f"Visibility.selected {self.selected.shape} is not (B, K, N) with "
-                             f"(B, K) = {(b, k_shape[2])}")
+        if self.selected is not None and (self.selected.ndim != 3 or self.selected.shape[0] != b
+                                          or self.selected.shape[1] not in (1, k_shape[2])):
+            raise ValueError(f"Visibility.selected {self.selected.shape} is not (B, K, N) or (B, 1, N) "
+                             f"with (B, K) = {(b, k_shape[2])}")
 
     def restrict(self, mask: jax.Array) -> jax.Array:
         """The dense form (reference paths): positional mask (B, T, S) -> (B, T, S) for a tree,
@@ -151,15 +154,19 @@ def dot_product_attention(
     """Multi-head (grouped-query) attention. Returns (B, T, H, D).
 
     ``visibility`` narrows what positions and segments allow (see :class:`Visibility`). AUTO runs
-    a tree through the Pallas kernel on TPU and GPU, and the reference path on CPU.
+    it through its Pallas kernel on TPU and GPU; on CPU a tree takes the reference path and a
+    selection the gathered jnp path (only the selected keys are read; REFERENCE densifies it).
     """
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} not a multiple of key/value heads {k.shape[2]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if visibility is not None:
         visibility.check(q.shape, k.shape)
-        if impl is AttentionImpl.AUTO and visibility.tree is not None and jax.default_backend() in ("tpu", "gpu"):
+        if impl is AttentionImpl.AUTO and jax.default_backend() in ("tpu", "gpu"):
             impl = AttentionImpl.PALLAS
+        if impl is AttentionImpl.AUTO and visibility.selected is not None:
+            return _gathered_attention(q, k, v, q_positions, k_positions, q_segment_ids, k_segment_ids, causal,
+                                       scale, visibility)
         if impl in (AttentionImpl.PALLAS, AttentionImpl.PALLAS_INTERPRET):
             return _pallas_attention(q, k, v, q_positions, k_positions, q_segment_ids, k_segment_ids, causal,
                                      scale, visibility, impl is AttentionImpl.PALLAS_INTERPRET)
@@ -170,6 +177,8 @@ def dot_product_attention(
         return attention_reference(q, k, v, mask, scale)
     if impl is AttentionImpl.XLA:
         # jax.nn wants one mask per query head: (B, H, T, S)
+        if mask.ndim == 4:  # per key/value head (a shared selection has one)
+            mask = jnp.broadcast_to(mask, (mask.shape[0], k.shape[2]) + mask.shape[2:])
         heads = jnp.repeat(mask, q.shape[2] // k.shape[2], axis=1) if mask.ndim == 4 else mask[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=heads, scale=scale, implementation="xla")
     raise ValueError(f"unknown attention implementation {impl}")
@@ -178,10 +187,14 @@ def dot_product_attention(
 def _pallas_attention(q, k, v, q_positions, k_positions, q_segment_ids, k_segment_ids, causal, scale,
                       visibility: Visibility, interpret: bool) -> jax.Array:
     """The kernel for ``visibility``; what it does not cover is an error, not a silent fallback."""
-    if visibility.tree is None:
-        raise NotImplementedError("no Pallas kernel for Visibility.selected yet (sparse attention, issue 13)")
     if not causal or q_segment_ids is not None or k_segment_ids is not None:
-        raise ValueError("the tree-verification kernel takes causal attention without segment ids")
+        raise ValueError("the tree-verification and sparse kernels take causal attention without segment ids")
+    backend = "triton" if jax.default_backend() == "gpu" and not interpret else None
+    if visibility.selected is not None:
+        from jaxtok.kernels.sparse_decode_attention import sparse_decode_attention
+
+        return sparse_decode_attention(q, k, v, k_positions, q_positions, visibility.selected, scale=scale,
+                                       interpret=interpret, backend=backend)
     from jaxtok.kernels.tree_verify_attention import tree_verify_attention
 
     t, s = q.shape[1], k.shape[1]
@@ -191,6 +204,15 @@ def _pallas_attention(q, k, v, q_positions, k_positions, q_segment_ids, k_segmen
     cache_positions = jnp.where((offset >= 0) & (offset < t), -1, k_positions)
     k_block = jax.lax.dynamic_slice_in_dim(k, visibility.block_start, t, axis=1)
     v_block = jax.lax.dynamic_slice_in_dim(v, visibility.block_start, t, axis=1)
-    backend = "triton" if jax.default_backend() == "gpu" and not interpret else None
     return tree_verify_attention(q, k, v, cache_positions, q_positions, k_block, v_block, visibility.tree,
                                  scale=scale, interpret=interpret, backend=backend)
+
+
+def _gathered_attention(q, k, v, q_positions, k_positions, q_segment_ids, k_segment_ids, causal, scale,
+                        visibility: Visibility) -> jax.Array:
+    """Selected slots on CPU: gather the (B, N, K, D) selected keys/values, attend over them."""
+    if not causal or q_segment_ids is not None or k_segment_ids is not None:
+        raise ValueError("attention over selected slots is causal by position and takes no segment ids")
+    from jaxtok.kernels.sparse_decode_attention import sparse_decode_attention_reference
+
+    return sparse_decode_attention_reference(q, k, v, k_positions, q_positions, visibility.selected, scale=scale)
