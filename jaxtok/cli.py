@@ -1,13 +1,14 @@
 """jaxtok: token-level methods for language models in JAX.
 
   jaxtok quickstart                               # SmolLM2: bits/byte on a built-in text + a reply
-  jaxtok eval-bpb --model smollm2-135m --text FILE
-  jaxtok generate --model smollm2-135m --prompt "Hello"
+  jaxtok eval-bpb --model smollm2-135m --text FILE [--window 8192 --sparse-attention tokenselect --select-k K]
+  jaxtok generate --model smollm2-135m --prompt "Hello" [--sparse-attention tokenselect --select-k K]
   jaxtok pretrain [--config NAME] [--set key=value ...] [--mesh data=2,fsdp=2] [--run-dir DIR] [--resume]
   jaxtok train-hypernet [--config smollm2|minilm|tiny] [--set key=value ...] [--resume | --export-only]
   jaxtok grow --from RUN_DIR --to NEW_RUN_DIR --set model.ffn_tokens=N [--mode zero|random] [--steps N]
   jaxtok train-tokenizer --text FILE... --kind bpe|unigram --vocab-size N [--base MODEL] --out NEW.json
   jaxtok transfer --model smollm2-135m --tokenizer NEW.json --method fvt --out DIR [--donor RUN_DIR]
+  jaxtok dynamic-bpe --tokenizer smollm2-135m --text FILE --batch-size B --seq-len T --merges M [--json OUT]
 """
 
 from __future__ import annotations
@@ -33,6 +34,36 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
 
 
+def _add_sparse_args(parser: argparse.ArgumentParser, decoding: bool) -> None:
+    """TokenSelect's options (jaxtok.decode.tokenselect.TokenSelectConfig)."""
+    parser.add_argument("--sparse-attention", default="none", choices=("none", "tokenselect"),
+                        help="token-level KV selection for long contexts (TokenSelect)")
+    parser.add_argument("--select-k", type=int, default=2048, help="TokenSelect: voted tokens per layer")
+    parser.add_argument("--n-init", type=int, default=128, help="TokenSelect: first tokens always attended")
+    parser.add_argument("--n-local", type=int, default=512, help="TokenSelect: last tokens always attended")
+    parser.add_argument("--chunk", type=int, default=512, help="TokenSelect: queries per prefill chunk")
+    parser.add_argument("--select-share", default="layer", choices=("layer", "kv_head"),
+                        help="TokenSelect: one ranking per layer or per key/value head")
+    parser.add_argument("--dense-layers", default="", help="TokenSelect: comma-separated layers kept dense")
+    if decoding:
+        parser.add_argument("--selection-cache", type=float, default=None, metavar="COSINE",
+                            help="TokenSelect: reuse the selection while consecutive queries' cosine >= this")
+
+
+def _sparse_config(args):
+    if args.sparse_attention == "none":
+        return None
+    from jaxtok.decode.tokenselect import TokenSelectConfig
+
+    try:
+        dense = tuple(int(i) for i in args.dense_layers.split(",") if i.strip())
+    except ValueError:
+        raise ValueError(f"--dense-layers: comma-separated layer numbers, got {args.dense_layers!r}") from None
+    return TokenSelectConfig(k=args.select_k, n_init=args.n_init, n_local=args.n_local, share=args.select_share,
+                             chunk=args.chunk, dense_layers=dense,
+                             cache_threshold=getattr(args, "selection_cache", None))
+
+
 def _load(args):
     from jaxtok.models.registry import load_pretrained_lm
 
@@ -44,21 +75,31 @@ def _load(args):
     return loaded
 
 
-def _eval_bpb(loaded, text: str, window: int, stride: int | None, batch_size: int):
+def _eval_bpb(loaded, text: str, window: int, stride: int | None, batch_size: int, sparse=None):
     from jaxtok.evaluate import evaluate_bpb
     from jaxtok.models.registry import module_for
 
     model = module_for(loaded.config)
+    own = getattr(model, "evaluate_bpb", None)
+    if own is not None:  # a family with units of its own (the byte LM: rows of words, no tokenizer)
+        return own(loaded.params, text, window=window, batch_size=batch_size)
 
     def apply(params, tokens, positions):
         return model.apply({"params": params}, tokens, positions=positions).logits
 
+    nll_fn = None
+    if sparse is not None:  # each window through chunked prefill with selection
+        from jaxtok.decode.tokenselect import make_nll_fn
+
+        if window % sparse.chunk:
+            raise ValueError(f"--window {window} must be a multiple of --chunk {sparse.chunk}")
+        nll_fn = make_nll_fn(model, sparse)
     return evaluate_bpb(apply, loaded.params, loaded.tokenizer, text, window=window, stride=stride,
-                        batch_size=batch_size)
+                        batch_size=batch_size, nll_fn=nll_fn)
 
 
 def _generate(loaded, prompt: str, chat: bool, max_new_tokens: int, temperature: float,
-              top_k: int, top_p: float, seed: int) -> str:
+              top_k: int, top_p: float, seed: int, sparse=None) -> str:
     import jax
 
     from jaxtok.decode.generate import SamplingConfig, generate
@@ -69,13 +110,14 @@ def _generate(loaded, prompt: str, chat: bool, max_new_tokens: int, temperature:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
     ids = generate(module_for(loaded.config), loaded.params, [tok.encode(prompt)],
                    max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                   sampling=SamplingConfig(temperature, top_k, top_p), rng=jax.random.key(seed))
+                   sampling=SamplingConfig(temperature, top_k, top_p), rng=jax.random.key(seed), sparse=sparse)
     return tok.decode(ids[0])
 
 
 def cmd_eval_bpb(args) -> int:
     text = Path(args.text).read_text(encoding="utf-8") if args.text else sample_text()
-    result = _eval_bpb(_load(args), text, args.window, args.stride, args.batch_size)
+    sparse = _sparse_config(args)
+    result = _eval_bpb(_load(args), text, args.window, args.stride, args.batch_size, sparse)
     print(result.result_line())
     return 0
 
@@ -104,11 +146,14 @@ def _speculative(loaded, args) -> int:
 
 
 def cmd_generate(args) -> int:
+    sparse = _sparse_config(args)
+    if sparse is not None and args.speculative is not None:
+        raise ValueError("--sparse-attention and --speculative do not combine (yet)")
     loaded = _load(args)
     if args.speculative is not None:
         return _speculative(loaded, args)
     print(_generate(loaded, args.prompt, not args.raw, args.max_new_tokens, args.temperature,
-                    args.top_k, args.top_p, args.seed))
+                    args.top_k, args.top_p, args.seed, sparse))
     return 0
 
 
@@ -179,6 +224,22 @@ def cmd_transfer(args) -> int:
     return 0
 
 
+def cmd_dynamic_bpe(args) -> int:
+    from jaxtok.dynamic.text import check_options, load_base_tokenizer, merge_lines, read_lines, show_units
+
+    check_options(args.batch_size, args.seq_len, args.merges, args.boundary)  # before the slow loads
+    lines = read_lines(args.text)
+    tok = load_base_tokenizer(args.tokenizer)
+    merged = merge_lines(tok, lines, batch_size=args.batch_size, seq_len=args.seq_len, max_merges=args.merges,
+                         min_count=args.min_count, boundary=args.boundary, max_unit_tokens=args.max_unit_tokens)
+    for units in merged.batches[0]["units"][:args.show]:
+        print(show_units(tok, units))
+    if args.json:
+        print(f"wrote {merged.write_json(args.json)}")
+    print(merged.result_line())
+    return 0
+
+
 def _add_pretrain_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
                         help="experiment preset: default, tiny, tokenformer-tiny, smollm2-continue "
@@ -205,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=1024, help="tokens per window")
     p.add_argument("--stride", type=int, default=None, help="window advance (default window/2)")
     p.add_argument("--batch-size", type=int, default=2)
+    _add_sparse_args(p, decoding=False)
     p.set_defaults(func=cmd_eval_bpb)
 
     p = sub.add_parser("generate", help="continue a prompt")
@@ -222,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lossless speculative decoding (Token Recycling, Lookahead trie; none = plain), "
                         "ending with a RESULT line")
     p.add_argument("--tree", default="p16", help="Token Recycling tree template (2.2.2, p54, p32, p16, p8, chain4)")
+    _add_sparse_args(p, decoding=True)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("pretrain", help="train a language model from an experiment config")
@@ -241,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("transfer", help="give a pretrained model a new tokenizer; writes an HF model folder")
     _add_model_args(p)
     p.add_argument("--tokenizer", required=True, help="the new tokenizer.json")
-    p.add_argument("--method", default="fvt", help="mean, fvt, focus, omp or tokenadapt")
+    p.add_argument("--method", default="fvt", help="mean, fvt, focus, omp, tokenadapt or hypernet")
     p.add_argument("--option", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="method options, e.g. k=64 (omp), w=0.3 (tokenadapt)")
     p.add_argument("--text", nargs="+", action="extend", default=[],
@@ -252,6 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true",
                    help="drop the chat template when the new tokenizer lacks its tokens")
     p.set_defaults(func=cmd_transfer)
+
+    p = sub.add_parser("dynamic-bpe", help="batch-level BPE of a text's lines on device (merged units, RESULT line)")
+    p.add_argument("--tokenizer", required=True, help="smollm2-135m, minilm-l6 or a tokenizer.json path")
+    p.add_argument("--text", required=True, help="UTF-8 text file: one sequence per non-empty line")
+    p.add_argument("--batch-size", type=int, required=True, help="lines per batch (the last may be smaller)")
+    p.add_argument("--seq-len", type=int, required=True, help="each line is cut to its first T tokens")
+    p.add_argument("--merges", type=int, required=True, help="merges per batch at most")
+    p.add_argument("--min-count", type=int, default=2, help="stop when the best pair occurs fewer times")
+    p.add_argument("--boundary", default="pretoken", help="pretoken, word or none: what a merge never crosses")
+    p.add_argument("--max-unit-tokens", type=int, default=0, help="longest merged unit in base tokens (0: no cap)")
+    p.add_argument("--json", default=None, help="write the units and merges of every batch here")
+    p.add_argument("--show", type=int, default=3, help="print the merged text of this many sequences")
+    p.set_defaults(func=cmd_dynamic_bpe)
 
     p = sub.add_parser("train-hypernet", help="train a ZeTT hypernetwork for a frozen pretrained LM")
     p.add_argument("--model", default=None, help="the frozen base LM (default: the preset's)")

@@ -7,6 +7,7 @@ Presets (``jaxtok pretrain --config NAME``):
 * ``tiny``: seconds; for tests and the notebook.
 * ``tokenformer-tiny``: the tiny run with a TokenFormer instead of a Llama.
 * ``mamba-tiny`` / ``mamba2-tiny``: the tiny run with a Mamba-1 / Mamba-2 LM.
+* ``tokenunify-tiny`` / ``tokenunify-small``: TokenUnify pretraining of a vision Mamba on 3-D volumes.
 * ``smollm2-continue``: continued pretraining of SmolLM2-135M with its own tokenizer.
 
 Overrides are dotted keys parsed by the field's type: ``steps=50``, ``optimizer.lr=1e-3``,
@@ -33,9 +34,10 @@ from typing import Any
 
 from flax import linen as nn
 
-from jaxtok.data import DataConfig, make_eval_batches, make_train_iterator
+from jaxtok.data import DataConfig, make_eval_batches, make_train_iterator, volumes, words
 from jaxtok.io.cache import cache_dir
-from jaxtok.models import llama, mamba, tokenformer
+from jaxtok.models import byte_lm, llama, mamba, tokenformer, vision_mamba
+from jaxtok.objectives import tokenunify
 from jaxtok.sharding import parse_mesh_shape
 
 from . import flops
@@ -125,6 +127,21 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
     "llama": ModelFamily(llama.LlamaConfig, llama.PRESETS, llama.Llama),
     "tokenformer": ModelFamily(tokenformer.TokenFormerConfig, tokenformer.PRESETS, tokenformer.TokenFormer),
     "mamba": ModelFamily(mamba.MambaConfig, mamba.PRESETS, mamba.Mamba),
+    # TokenUnify: patch tokens of 3-D volumes, the mixture of token objectives (issue 15)
+    "tokenunify": ModelFamily(vision_mamba.VisionConfig, vision_mamba.PRESETS, vision_mamba.TokenUnifyModel,
+                              data=DataPipeline(
+                                  train=lambda config, tokenizer: volumes.make_volume_iterator(config.data),
+                                  evaluation=lambda config, tokenizer: volumes.make_volume_eval_batches(config.data),
+                                  tokens_per_step=tokenunify.tokens_per_step, uses_tokenizer=False,
+                                  config_cls=volumes.VolumeDataConfig),
+                              task=tokenunify.tokenunify_task, flops_per_token=tokenunify.flops_per_token,
+                              objective_cls=tokenunify.MixtureConfig),
+    # word-pooled byte LM: rows of words, no tokenizer; tokens_per_step and FLOPs count words (issue 16)
+    "byte_lm": ModelFamily(byte_lm.ByteLMConfig, byte_lm.PRESETS, byte_lm.ByteLM,
+                           data=DataPipeline(train=words.train_iterator, evaluation=words.evaluation_batches,
+                                             tokens_per_step=words.words_per_step, uses_tokenizer=False,
+                                             config_cls=words.WordDataConfig),
+                           task=byte_lm.train_task, flops_per_token=byte_lm.flops_per_word),
 }
 
 
@@ -299,6 +316,44 @@ def mamba2_tiny() -> ExperimentConfig:
     return dataclasses.replace(tiny(), name="mamba2-tiny", model="mamba2-tiny", run_dir="runs/mamba2-tiny")
 
 
+def tokenunify_tiny() -> ExperimentConfig:
+    """Seconds: a 2-layer d=32 bidirectional/causal Mamba on 8x32x32 crops (2x8x8 patches) of
+    one synthetic EM-like volume, all three TokenUnify objectives summed:
+    ``jaxtok pretrain --config tokenunify-tiny`` (``--set data.volume=stack.tif`` for your own)."""
+    return ExperimentConfig(
+        name="tokenunify-tiny", model="vision-mamba-tiny",
+        data=volumes.VolumeDataConfig(crop=(8, 32, 32), global_batch=4, synthetic_shape=(16, 64, 64),
+                                      synthetic_volumes=1, eval_crops=4),
+        objective=tokenunify.MixtureConfig(),
+        optimizer=OptimizerConfig(lr=2e-3, warmup_steps=2, weight_decay=0.05),
+        steps=8, eval_every=4, eval_batches=1, checkpoint_every=4, run_dir="runs/tokenunify-tiny",
+    )
+
+
+def tokenunify_small() -> ExperimentConfig:
+    """The CPU ablation's pretraining (``benchmarks/tokenunify.py``): a 4-layer d=96 Mamba on
+    16x64x64 crops (4x8x8 patches, 256 tokens) of four synthetic 32x128x128 volumes."""
+    return ExperimentConfig(
+        name="tokenunify-small", model="vision-mamba-small",
+        data=volumes.VolumeDataConfig(crop=(16, 64, 64), global_batch=8, synthetic_shape=(32, 128, 128),
+                                      synthetic_volumes=4, eval_crops=8),
+        objective=tokenunify.MixtureConfig(),
+        optimizer=OptimizerConfig(lr=1e-3, warmup_steps=20, weight_decay=0.05),
+        steps=300, eval_every=100, eval_batches=1, checkpoint_every=100, run_dir="runs/tokenunify-small",
+    )
+
+
+def byte_lm_tiny() -> ExperimentConfig:
+    """Seconds: the word-pooled byte LM (d=64 word LM, d=32 byte stacks) on 64-word rows of the
+    first 40 stdlib files: ``jaxtok pretrain --config byte-lm-tiny``."""
+    return ExperimentConfig(
+        name="byte-lm-tiny", model="byte-lm-tiny",
+        data=words.WordDataConfig(seq_words=64, global_batch=8, max_documents=40),
+        optimizer=OptimizerConfig(lr=3e-3, warmup_steps=2, weight_decay=0.1),
+        steps=20, eval_every=10, eval_batches=2, checkpoint_every=10, run_dir="runs/byte-lm-tiny",
+    )
+
+
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "default": default,
     "tiny": tiny,
@@ -306,6 +361,9 @@ PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "smollm2-continue": smollm2_continue,
     "mamba-tiny": mamba_tiny,
     "mamba2-tiny": mamba2_tiny,
+    "tokenunify-tiny": tokenunify_tiny,
+    "tokenunify-small": tokenunify_small,
+    "byte-lm-tiny": byte_lm_tiny,
 }
 
 

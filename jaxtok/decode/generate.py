@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtok.decode import tokenselect
 from jaxtok.models.llama import KVCache
 from jaxtok.nn.layers import split_layers
 
@@ -81,17 +82,33 @@ def _grow(cache: Any, extra: int) -> Any:
                          positions=jnp.pad(cache.positions, ((0, 0), (0, extra)), constant_values=-1))
 
 
+def _prefill(model, params, tokens, positions, cache, sparse):
+    """The prompt's pass: one call, or TokenSelect's chunked prefill. Returns (cache, last logits)."""
+    if sparse is None:
+        out = model.apply({"params": params}, tokens, positions=positions, cache=cache, last_logits_only=True)
+        return out.cache, out.logits[:, -1]
+    chunk = min(sparse.chunk, tokens.shape[1])  # a prompt shorter than a chunk is one chunk
+    return tokenselect.chunked_prefill(model, params, tokens, positions, dataclasses.replace(sparse, chunk=chunk),
+                                       cache=cache)
+
+
 def _generate(model, decode_model, params, tokens, positions, rng, *, max_new_tokens: int,
-              sampling: SamplingConfig, eos_id: int, pad_id: int):
+              sampling: SamplingConfig, eos_id: int, pad_id: int, sparse=None):
     batch, prompt_len = tokens.shape
     # The prompt attends to a cache of its own length (not to the empty slots of the new tokens),
     # which then grows by max_new_tokens empty slots (position -1) for decoding.
     cache = _new_cache(model, batch, prompt_len)
-    out = model.apply({"params": params}, tokens, positions=positions, cache=cache, last_logits_only=True)
-    cache = _grow(out.cache, max_new_tokens)
+    if sparse is not None and not isinstance(cache, KVCache):
+        raise ValueError(f"sparse attention needs a KV cache; {type(model).__name__} keeps {type(cache).__name__}")
+    cache, last_logits = _prefill(model, params, tokens, positions, cache, sparse)
+    cache = _grow(cache, max_new_tokens)
+    if sparse is not None and sparse.cache_threshold is not None:
+        c = model.config
+        cache = cache.replace(selection=tokenselect.SelectionState.create(
+            sparse, c.n_layers, batch, c.n_heads, c.n_kv_heads, c.head_dim))
     next_pos = positions[:, -1] + 1
     rng, step_rng = jax.random.split(rng)
-    first = sample_token(out.logits[:, -1], step_rng, sampling)
+    first = sample_token(last_logits, step_rng, sampling)
     generated = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
     def cond(state):
@@ -101,7 +118,8 @@ def _generate(model, decode_model, params, tokens, positions, rng, *, max_new_to
     def body(state):
         step, cache, last, done, generated, rng = state
         pos = (next_pos + step - 1)[:, None]
-        out = decode_model.apply({"params": decode_params}, last[:, None], positions=pos, cache=cache)
+        kw = {} if sparse is None else {"sparse": sparse}
+        out = decode_model.apply({"params": decode_params}, last[:, None], positions=pos, cache=cache, **kw)
         rng, step_rng = jax.random.split(rng)
         token = sample_token(out.logits[:, -1], step_rng, sampling)
         token = jnp.where(done, pad_id, token)
@@ -124,7 +142,7 @@ def _generate(model, decode_model, params, tokens, positions, rng, *, max_new_to
 PREFILL_LAYER_LOOP: str | None = None
 DECODE_LAYER_LOOP: str | None = "unrolled"
 
-_STATIC = ("model", "decode_model", "max_new_tokens", "sampling", "eos_id", "pad_id")
+_STATIC = ("model", "decode_model", "max_new_tokens", "sampling", "eos_id", "pad_id", "sparse")
 _generate_jit = jax.jit(_generate, static_argnames=_STATIC)
 # XLA:CPU's float-normalization pass gives bf16 ops that lack a bf16 kernel float32 operands,
 # dynamic-slice among them: the slice that takes each layer's weights (and cache) in the layer scan.
@@ -160,19 +178,30 @@ def with_layer_loop(model: Any, layer_loop: str | None) -> Any:
 def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              eos_id: int, pad_id: int | None = None, sampling: SamplingConfig = SamplingConfig(),
              rng: jax.Array | None = None, prefill_loop: str | None = PREFILL_LAYER_LOOP,
-             decode_loop: str | None = DECODE_LAYER_LOOP) -> list[list[int]]:
+             decode_loop: str | None = DECODE_LAYER_LOOP,
+             sparse: tokenselect.TokenSelectConfig | None = None) -> list[list[int]]:
     """Continuations of ``prompts`` (lists of ids); each stops after its EOS (kept) or at
     ``max_new_tokens``.
 
     ``prefill_loop`` / ``decode_loop``: the layer loop (``scan``, ``unrolled``) of the prompt's
     pass and of the one-token steps; None keeps the model config's ``layer_loop``.
+    ``sparse``: TokenSelect (chunked prefill of the prompt, then selection at every step).
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
+    own = getattr(model, "generate_ids", None)
+    if own is not None:  # a family that decodes its own way (the byte LM: words of bytes, ids = bytes)
+        if sparse is not None:
+            raise ValueError(f"{type(model).__name__} has no sparse decoding")
+        return own(params, prompts, max_new_tokens=max_new_tokens, sampling=sampling, rng=rng)
     pad_id = eos_id if pad_id is None else pad_id
-    tokens, positions = left_pad(prompts, pad_id)
-    if tokens.shape[1] + max_new_tokens > model.config.max_seq_len:
-        raise ValueError(f"prompt ({tokens.shape[1]} padded) + {max_new_tokens} new tokens exceeds "
+    longest = max((len(p) for p in prompts), default=0)
+    # chunked prefill: prompts longer than a chunk are padded to whole chunks
+    multiple = sparse.chunk if sparse is not None and longest > sparse.chunk else 16
+    tokens, positions = left_pad(prompts, pad_id, multiple)
+    # positions, not padded slots, are what the model was trained on (padding has position -1)
+    if longest + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"prompt ({longest} tokens) + {max_new_tokens} new tokens exceeds "
                          f"the model's context of {model.config.max_seq_len}")
     rng = jax.random.key(0) if rng is None else rng
     run = _generate_jit_cpu if _skip_float_normalization(model, params) else _generate_jit
@@ -180,7 +209,8 @@ def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_n
     models = (with_layer_loop(model, prefill_loop),
               with_layer_loop(model, decode_loop if max_new_tokens > 1 else prefill_loop))
     out = np.asarray(run(*models, params, jnp.asarray(tokens), jnp.asarray(positions), rng,
-                         max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id))
+                         max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
+                         sparse=sparse))
     results = []
     for row in out:
         ids = row.tolist()

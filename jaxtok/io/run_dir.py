@@ -21,8 +21,9 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def is_run_dir(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / CHECKPOINT_DIR).is_dir() and (path / TOKENIZER_FILE).is_file()
+    """A folder with ``checkpoints/`` (families with a tokenizer also keep ``tokenizer.json``;
+    tokenizer-free ones, the word-pooled byte LM, do not)."""
+    return (Path(path) / CHECKPOINT_DIR).is_dir()
 
 
 def _roles(tokenizer: Tokenizer, bos_token: str | None, pretrained) -> TextTokenizer:
@@ -38,17 +39,20 @@ def load_run_dir(run_dir: str | Path) -> LoadedLM:
     from jaxtok.sharding import make_mesh
     from jaxtok.train import pretrain
     from jaxtok.train.checkpoint import Checkpointer
-    from jaxtok.train.configs import saved_config
+    from jaxtok.train.configs import model_family, saved_config
     from jaxtok.train.trainer import Trainer
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
-        raise ModelFileError(f"{run_dir}: not a jaxtok pretrain run directory (needs {TOKENIZER_FILE} "
-                             f"and {CHECKPOINT_DIR}/)")
+        raise ModelFileError(f"{run_dir}: not a jaxtok pretrain run directory (needs {CHECKPOINT_DIR}/)")
     _, config = saved_config(run_dir / CHECKPOINT_DIR)
-    tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER_FILE))
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
+    tokenizer = None
+    if model_family(config.model).data.uses_tokenizer:
+        if not (run_dir / TOKENIZER_FILE).is_file():
+            raise ModelFileError(f"{run_dir}: {TOKENIZER_FILE} is missing (a {config.model} run keeps one)")
+        tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER_FILE))
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
     # a run continued from a pretrained model has that model's shape (and maybe its tokenizer)
     pretrained = pretrain._load_pretrained(config)
     task, _, model_config = pretrain.build_task(config, tokenizer, pretrained)
@@ -58,5 +62,10 @@ def load_run_dir(run_dir: str | Path) -> LoadedLM:
         restored = checkpointer.restore_latest(trainer.abstract_state)
     if restored is None:
         raise ModelFileError(f"{run_dir / CHECKPOINT_DIR}: no usable checkpoint")
-    return LoadedLM(config=model_config, params=restored.state.params,
-                    tokenizer=_roles(tokenizer, config.data.bos_token, pretrained), path=run_dir)
+    if tokenizer is None:  # a byte family reads and writes UTF-8 bytes
+        from jaxtok.data.words import byte_text_tokenizer
+
+        text_tokenizer = byte_text_tokenizer()
+    else:
+        text_tokenizer = _roles(tokenizer, config.data.bos_token, pretrained)
+    return LoadedLM(config=model_config, params=restored.state.params, tokenizer=text_tokenizer, path=run_dir)
