@@ -8,6 +8,12 @@ import os
 # (measured: 98 s -> 64 s on the precision/hypernetwork tests, same results); the matrix
 # products are library calls either way.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# One persistent compilation cache for the session, its workers and the subprocesses they start
+# (CLI lines, notebook kernels): the same programs (SmolLM2's forward, tiny trainers) compile in
+# several of them. Keys are the programs themselves, so a stale entry can never be hit.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(__import__("tempfile").gettempdir(),
+                                                                f"jaxtok-tests-xla-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
