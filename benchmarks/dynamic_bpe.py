@@ -30,21 +30,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
+from jaxtok.train.flops import cpu_model
 
 # ---------------------------------------------------------------------------------------------
 # Text

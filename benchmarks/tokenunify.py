@@ -26,9 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -38,6 +36,7 @@ import numpy as np
 from jaxtok import neuroseg
 from jaxtok.data import volumes
 from jaxtok.train import configs, pretrain
+from jaxtok.train.flops import cpu_model
 
 VARIANTS = {"scratch": None, "mae": (1, 0, 0), "ntp": (0, 1, 0), "tokenunify": (1, 1, 1)}
 SIZES = {
@@ -49,12 +48,6 @@ SIZES = {
 }
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def pretrain_backbone(size: dict, weights, out: Path, steps: int):

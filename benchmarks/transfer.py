@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxtok.data.manpages import LANGS, manpage_split  # the fixed split, shared with train-hypernet
+from jaxtok.train.flops import cpu_model
 
 METHODS = ("mean", "fvt", "focus", "omp", "tokenadapt", "hypernet")
 # (label, method, options): every method at its defaults, plus OMP with few atoms (the donor here is
@@ -57,12 +57,6 @@ RUNS = [*((m, m, ()) for m in METHODS), ("omp_k8", "omp", ("k=8",))]
 # Text
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def ensure_manpages() -> None:
