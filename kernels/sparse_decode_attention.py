@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-# Finite (as in jaxtok.nn.attention), so a row that has seen nothing yet keeps finite maxima.
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+# the online-softmax step and the finite mask value are tree verification's (one flash-attention update)
+from .tree_verify_attention import _MASKED, _online_update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,17 +50,6 @@ class BlockSizes:
 
 # ---------------------------------------------------------------------------------------------
 # Kernel bodies
-
-def _online_update(carry, scores, visible, v):
-    """Fold (R, N) ``scores`` (masked by ``visible``) and values (N, Dv) into (max, denom, acc)."""
-    m, denom, acc = carry
-    scores = jnp.where(visible, scores, _MASKED)
-    m_new = jnp.maximum(m, jnp.max(scores, axis=-1, keepdims=True))
-    p = jnp.where(visible, jnp.exp(scores - m_new), 0.0)  # exact zeros for hidden keys
-    alpha = jnp.exp(m - m_new)
-    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return m_new, alpha * denom + jnp.sum(p, axis=-1, keepdims=True), alpha * acc + pv
-
 
 def _scores(q, k, scale):
     # q (R, D) . k (N, D) over D, float32 scores
