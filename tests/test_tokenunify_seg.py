@@ -100,6 +100,21 @@ def test_segment_recovers_cells_from_their_affinities():
         neuroseg.segment(aff[:2])
 
 
+def test_seed_threshold_is_tuned_to_where_the_probabilities_sit():
+    labels = np.ones((4, 12, 12), np.int32)
+    labels[:, :, 6:] = 2
+    labels[:, 8:, :] = 3
+    aff, _ = neuroseg.affinities(labels)
+    shy = 0.5 * aff  # a model whose joined edges score 0.5: at 0.9 nothing is a seed, all is one cell
+    threshold, voi = neuroseg.tune_seed_threshold(shy, labels, (0.9, 0.3))
+    assert threshold == 0.3 and voi[0.3] == pytest.approx(0.0, abs=1e-9)
+    assert voi[0.9] == pytest.approx(neuroseg.evaluate_segmentation(labels, np.ones_like(labels))["voi"])
+    threshold, voi = neuroseg.tune_seed_threshold(aff, labels, (0.9, 0.8, 0.6))
+    assert threshold == 0.6 and voi[0.8] == voi[0.6] == pytest.approx(0.0, abs=1e-9) and voi[0.9] > 1  # tie: the lower
+    with pytest.raises(ValueError, match="at least one seed threshold"):
+        neuroseg.tune_seed_threshold(aff, labels, ())
+
+
 # ---------------------------------------------------------------------------------------------
 # fine-tuning
 
