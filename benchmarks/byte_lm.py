@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from jaxtok.next_word import ByteLMContinuer, NextWordResult, TokenLMContinuer, 
 from jaxtok.segmentation import split_words
 from jaxtok.sharding import make_mesh
 from jaxtok.tokenization import TextTokenizer
-from jaxtok.train.flops import model_flops_per_token
+from jaxtok.train.flops import cpu_model, model_flops_per_token
 from jaxtok.train.pretrain import model_vocab_size, train_bpe
 from jaxtok.train.trainer import OptimizerConfig, Trainer, lm_task
 
@@ -277,9 +276,7 @@ def main(argv=None) -> int:
     size = QUICK if args.quick else FULL
     size = dataclasses.replace(size, **{k: v for k, v in (("train_bytes", args.train_bytes),
                                                           ("eval_words", args.eval_words)) if v is not None})
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    say(f"CPU: {cpu} ({os.cpu_count()} cores), load average {os.getloadavg()}; jax {jax.__version__}")
+    say(f"CPU: {cpu_model()} ({os.cpu_count()} cores), load average {os.getloadavg()}; jax {jax.__version__}")
     say(f"size: {size}")
     results = {lang: run_language(lang, size) for lang in args.langs.split(",")}
     say(f"load average at the end {os.getloadavg()}")

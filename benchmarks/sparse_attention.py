@@ -2,6 +2,7 @@
 
     python benchmarks/sparse_attention.py            # full size (the issue's): ~30-40 min on a quiet 2-core CPU
     python benchmarks/sparse_attention.py --quick    # every section at toy sizes, a few minutes
+    --plot docs/tokenselect_quality.png              # also draw (d)'s bits per byte vs k
 
 Sections (all ratios measured within this one run; jnp paths, the CPU's fast path):
 
@@ -225,6 +226,32 @@ def quality_section(args, loaded, cfg: ts.TokenSelectConfig, texts):
     return dense, curve, at_k, kv_head
 
 
+def plot_quality(dense: float, curve: dict, kv_head: float, k: int, n_fixed: int, doc_tokens: int, path: Path):
+    """Bits per byte vs the number of selected tokens k (log axis), dense as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ks = sorted(curve)
+    ax.plot(ks, [curve[x] for x in ks], "o-", label="TokenSelect, one selection per layer")
+    ax.plot([k], [kv_head], "s", label="TokenSelect, one selection per kv head")
+    ax.axhline(dense, color="k", ls="--", label=f"dense attention ({dense:.4f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"selected tokens k (+ {n_fixed} initial and local) of {doc_tokens}")
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.set_title("SmolLM2-135M on long man pages, chunked prefill")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, path)
+    plt.close(fig)
+    print(f"  wrote {path}")
+
+
 # --- (e) needle in a haystack --------------------------------------------------------------------
 
 def needle_prompt(tok, filler: str, length: int, depth: float, key: int) -> list[int]:
@@ -278,6 +305,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--sections", default="abcde", help="which sections to run (letters)")
+    p.add_argument("--plot", type=Path, default=None, help="write the quality curve of (d) to this PNG")
     args = p.parse_args(argv)
     if args.quick:
         args.lengths, args.k, args.n_init, args.n_local, args.chunk = [2048, 8192], 256, 16, 64, 128
@@ -311,7 +339,9 @@ def main(argv=None) -> int:
                   f"with the selection cache {result['step_speedup_64k_cached']:.2f}x dense")
     if "d" in args.sections:
         print("(d) bits per byte, long documents:")
-        dense, _, at_k, kv_head = quality_section(args, loaded, cfg, texts)
+        dense, curve, at_k, kv_head = quality_section(args, loaded, cfg, texts)
+        if args.plot:
+            plot_quality(dense, curve, kv_head, cfg.k, cfg.n_init + cfg.n_local, args.doc_tokens, args.plot)
         result["bpb_ratio"] = at_k / dense
         result["bpb_ratio_kv_head"] = kv_head / dense
     if "e" in args.sections:
