@@ -1,6 +1,6 @@
 """TokenUnify ablation on held-out synthetic EM volumes: does pretraining help neuron segmentation?
 
-    .venv/bin/python benchmarks/tokenunify.py                 # full size (~45 min on a quiet 2-core CPU)
+    .venv/bin/python benchmarks/tokenunify.py                 # full size (23 min on a quiet 2-core AMD EPYC)
     .venv/bin/python benchmarks/tokenunify.py --quick         # end-to-end check (~3 min)
 
 Same backbone (``tokenunify-small``: a 4-layer d=96 bidirectional/causal Mamba-2 over 16x64x64
