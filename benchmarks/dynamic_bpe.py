@@ -1,7 +1,7 @@
 """Dynamic batch-level BPE: the jitted on-device merge against the plain references, sequence
 reduction, and the two applications (MiniLM sentence embeddings, SmolLM2 prefill).
 
-    python benchmarks/dynamic_bpe.py            # 32x512 and 256x512, 140 merges; ~15-25 min on 2 quiet cores
+    python benchmarks/dynamic_bpe.py            # 32x512 and 256x512, 140 merges; 4.5 min on 2 quiet cores
     python benchmarks/dynamic_bpe.py --quick    # 8x128 and 32x128, 40 merges, small quality runs: a smoke run
 
 Text: held-out running text (Debian's German/Spanish/Italian man pages of the fixed evaluation
