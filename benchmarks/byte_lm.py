@@ -31,6 +31,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxtok.data import packing, sources
 from jaxtok.data.manpages import manpage_split
@@ -190,7 +191,7 @@ def train(entry: Entry, size: Size, seed: int = 0) -> tuple[object, dict]:
     state = trainer.init_state(jax.random.key(seed))
     batches = iter(train_dataset(entry.rows, global_batch=size.global_batch, seed=seed, num_epochs=None))
     seen, timed_bytes, timed_units, t0, losses = 0, 0, 0, None, []
-    for step in range(steps):
+    for step in tqdm(range(steps), desc=f"train {entry.kind}", unit="step", leave=False):
         batch = entry.expand(next(batches))
         state, metrics = trainer.train_step(state, trainer.device_batch(batch))
         if step == 1:  # compiled and warm: time from here

@@ -50,7 +50,8 @@ METHODS = ("mean", "fvt", "focus", "omp", "tokenadapt", "hypernet")
 # a 2-layer d=128 Llama: k=64 atoms in 128 dimensions fit noise). ``hypernet``: the hypernetwork
 # shipped for the base model (its row is left out for a model without one); the benchmark's
 # tokenizers are BPEs trained on the tokenizer split, never seen by the hypernetwork's training.
-RUNS = [*((m, m, ()) for m in METHODS), ("omp_k8", "omp", ("k=8",))]
+RUNS = [*((m, m, ()) for m in METHODS), ("omp_k8", "omp", ("k=8",)),
+        ("hypernet_copy", "hypernet", ("copy_overlap=true",))]  # exact-overlap rows copied, as FVT does
 
 
 # ---------------------------------------------------------------------------------------------

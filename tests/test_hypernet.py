@@ -21,6 +21,7 @@ from jaxtok.sharding import make_mesh
 from jaxtok.train import hypernet as hn_train
 from jaxtok.train.trainer import OptimizerConfig, Trainer
 from jaxtok.transfer import hypernet as hn
+from jaxtok.transfer.decompose import TransferError
 from jaxtok.transfer.sampler import SamplerConfig
 
 SAMPLER = SamplerConfig(vocab_range=(100, 200), max_len=8, max_word=16)
@@ -255,6 +256,21 @@ def _resume_runs(tmp_path, lm, docs, held, base):
     moved = transfer(lm, new_tok, "hypernet", [f"path={whole.weights}"], keep_chat_template=False)
     assert moved.config.vocab_size == new_tok.get_vocab_size()
     assert np.isfinite(np.asarray(moved.params["embedding"])).all()
+    # copy_overlap: the tokens the base has verbatim take its rows, every other row is unchanged
+    copied = transfer(lm, new_tok, "hypernet", [f"path={whole.weights}", "copy_overlap=true"],
+                      keep_chat_template=False)
+    base_vocab = lm.tokenizer.hf.get_vocab()
+    specials = {t.content for t in new_tok.get_added_tokens_decoder().values()}
+    same = {i: base_vocab[t] for t, i in new_tok.get_vocab().items() if t in base_vocab and t not in specials}
+    new_rows, old_rows = np.asarray(copied.params["embedding"]), np.asarray(moved.params["embedding"])
+    base_rows = np.asarray(lm.params["embedding"], np.float32)
+    assert len(same) > 10
+    np.testing.assert_allclose(new_rows[list(same)], base_rows[list(same.values())], rtol=1e-6)
+    others = np.setdiff1d(np.arange(len(new_rows)), list(same))
+    np.testing.assert_array_equal(new_rows[others], old_rows[others])
+    assert not np.allclose(old_rows[list(same)], new_rows[list(same)])
+    with pytest.raises(TransferError, match="copy_overlap: expected true or false"):
+        transfer(lm, new_tok, "hypernet", [f"path={whole.weights}", "copy_overlap=maybe"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -325,9 +325,12 @@ def shipped_hypernet(base_name: str):
 
 @dataclasses.dataclass(frozen=True)
 class HypernetOptions:
-    """path: a hypernetwork folder (default: the one shipped for the base model)."""
+    """path: a hypernetwork folder (default: the one shipped for the base model).
+    copy_overlap: tokens whose surface is exactly a base token take that token's rows instead of
+    the prediction (as FVT does); off by default, as in ZeTT, where every token is predicted."""
 
     path: str = ""
+    copy_overlap: bool = False
 
 
 def hypernet_prepare(ctx, dec, options: HypernetOptions) -> dict:
@@ -347,7 +350,8 @@ def hypernet_prepare(ctx, dec, options: HypernetOptions) -> dict:
 def hypernet_apply(base: Mapping[str, jax.Array], dec, aux: Mapping, options: HypernetOptions) -> Matrices:
     """Zero-Shot Tokenizer Transfer (Minixhofer et al., 2024): every new token's embeddings
     predicted from its base pieces' embeddings by the trained hypernetwork (module docstring);
-    special tokens mapped by role are copied from the base."""
+    special tokens mapped by role are copied from the base (and, with ``copy_overlap``, the exact
+    overlap too)."""
     from jaxtok.transfer.decompose import TransferError
 
     config, params = aux["hypernet"]
@@ -361,6 +365,6 @@ def hypernet_apply(base: Mapping[str, jax.Array], dec, aux: Mapping, options: Hy
     width = min(config.max_pieces, dec.pieces.shape[1])
     pieces[:, :width], mask[:, :width] = dec.pieces[:, :width], dec.mask[:, :width]
     out = jax.jit(lambda p, pc, m, t: predict(config, p, pc, m, t, embedding_stats(t)))(params, pieces, mask, tables)
-    special = jnp.asarray(dec.special)
-    return {role: jnp.where((special >= 0)[:, None], jnp.take(tables[role], jnp.maximum(special, 0), axis=0),
+    copied = jnp.asarray(dec.copied if options.copy_overlap else dec.special)
+    return {role: jnp.where((copied >= 0)[:, None], jnp.take(tables[role], jnp.maximum(copied, 0), axis=0),
                             out[role]) for role in config.roles}

@@ -500,7 +500,14 @@ def _convert(value: Any, hint: type, key: str) -> Any:
             return float(value)
     except ValueError:
         raise TransferError(f"option {key}: expected {hint.__name__}, got {value!r}") from None
+    if hint is bool:
+        if value.lower() not in _BOOLS:
+            raise TransferError(f"option {key}: expected true or false, got {value!r}")
+        return _BOOLS[value.lower()]
     return value
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def options_dict(options: Any) -> dict[str, Any]:
