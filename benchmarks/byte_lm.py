@@ -258,6 +258,10 @@ def run_language(lang: str, size: Size) -> dict:
         result.update(stats, params=params_count, bytes_per_unit=entry.bytes_per_unit,
                       flops_per_byte=entry.flops_per_unit / entry.bytes_per_unit)
         out[kind] = result
+        # every model compiles its own train step, scorer and continuation shapes: drop them, or
+        # the process runs out of memory maps (the first full run died in its fourth model, LLVM
+        # "Cannot allocate memory" at vm.max_map_count 65530)
+        jax.clear_caches()
         rare = "n/a" if result["rare_nwa"] is None else f"{result['rare_nwa']:.3f}"
         say(f"[{lang}] {kind:8s} params {params_count:,} | {stats['steps']} steps, {stats['train_bytes']:,} bytes, "
             f"{stats['bytes_per_s']:,.0f} bytes/s | {entry.bytes_per_unit:.2f} bytes/unit, "
