@@ -230,15 +230,19 @@ def evaluate(entry: Entry, params, held: list[str], size: Size, counts: dict[str
         continuer = TokenLMContinuer(model, params, entry.tokenizer, heal_whitespace=entry.kind == "subword")
     total = NextWordResult(0, 0, {})
     left = size.eval_words
+    bar = tqdm(total=size.eval_words, desc=f"next word {entry.kind}", unit="word", leave=False)
     for doc in held:
         if left <= 0:
             break
+        done = bar.n
         r = next_word_accuracy(continuer, doc, context_bytes=size.context_bytes, counts=counts,
-                               max_bytes=size.max_word_bytes, batch_size=16, limit=left)
+                               max_bytes=size.max_word_bytes, batch_size=16, limit=left,
+                               on_batch=lambda n, _, done=done: bar.update(done + n - bar.n))
         buckets = {k: tuple(a + b for a, b in zip(total.buckets.get(k, (0, 0)), v)) for k, v in r.buckets.items()}
         buckets.update({k: v for k, v in total.buckets.items() if k not in buckets})
         total = NextWordResult(total.right + r.right, total.total + r.total, buckets)
         left -= r.total
+    bar.close()
     return {"bpb": nats / (math.log(2) * nbytes), "eval_bytes": int(nbytes), "nwa": total.accuracy,
             "rare_nwa": total.rare_accuracy, "words": total.total, "buckets": dict(total.buckets)}
 
