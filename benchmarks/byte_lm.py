@@ -247,13 +247,20 @@ def evaluate(entry: Entry, params, held: list[str], size: Size, counts: dict[str
             "rare_nwa": total.rare_accuracy, "words": total.total, "buckets": dict(total.buckets)}
 
 
-def run_language(lang: str, size: Size) -> dict:
+def run_language(lang: str, size: Size, done: dict, save) -> dict:
+    """Trains and scores the three models of one language; ``done`` holds models already scored
+    by an earlier (interrupted) run of the same size, which are kept, and ``save`` is called with
+    the results after each model."""
     train_docs, held = corpus(lang, size)
     say(f"[{lang}] {len(train_docs)} training documents ({sum(len(d.encode()) for d in train_docs):,} bytes), "
         f"{len(held)} held out ({sum(len(d.encode()) for d in held):,} bytes)")
     counts = word_counts(train_docs, size.max_word_bytes)
-    out, target = {}, None
+    out = dict(done)
+    target = out["wordpool"]["params"] if "wordpool" in out else None
     for kind in KINDS:
+        if kind in out:
+            say(f"[{lang}] {kind:8s} kept from the earlier run: bpb {out[kind]['bpb']:.3f}")
+            continue
         entry = build(kind, size, train_docs, target)
         params_count = entry.config.num_params()
         target = target or params_count
@@ -262,6 +269,7 @@ def run_language(lang: str, size: Size) -> dict:
         result.update(stats, params=params_count, bytes_per_unit=entry.bytes_per_unit,
                       flops_per_byte=entry.flops_per_unit / entry.bytes_per_unit)
         out[kind] = result
+        save(lang, out)
         # every model compiles its own train step, scorer and continuation shapes: drop them, or
         # the process runs out of memory maps (the first full run died in its fourth model, LLVM
         # "Cannot allocate memory" at vm.max_map_count 65530)
@@ -280,17 +288,37 @@ def main(argv=None) -> int:
     parser.add_argument("--langs", default="en,ja")
     parser.add_argument("--train-bytes", type=int, default=None)
     parser.add_argument("--eval-words", type=int, default=None)
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None, help="write the results as JSON here, after each model")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the models already scored in --out (same size) and run only the rest")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
     size = dataclasses.replace(size, **{k: v for k, v in (("train_bytes", args.train_bytes),
                                                           ("eval_words", args.eval_words)) if v is not None})
     say(f"CPU: {cpu_model()} ({os.cpu_count()} cores), load average {os.getloadavg()}; jax {jax.__version__}")
     say(f"size: {size}")
-    results = {lang: run_language(lang, size) for lang in args.langs.split(",")}
+    out = Path(args.out) if args.out else None
+    results: dict = {}
+    if args.resume:
+        if out is None or not out.exists():
+            parser.error("--resume needs an existing --out file")
+        saved = json.loads(out.read_text())
+        if saved.get("size") != dataclasses.asdict(size):
+            parser.error(f"{out} was written at another size: {saved.get('size')}")
+        results = saved["results"]
+    elif out is not None and out.exists():
+        parser.error(f"{out} exists: pass --resume to continue it, or choose another --out")
+
+    def save(lang: str, res: dict) -> None:
+        results[lang] = res
+        if out is not None:  # atomic: an interrupted write never loses the models already scored
+            tmp = out.with_suffix(out.suffix + ".tmp")
+            tmp.write_text(json.dumps({"size": dataclasses.asdict(size), "results": results}, indent=1, default=str))
+            os.replace(tmp, out)
+
+    for lang in args.langs.split(","):
+        results[lang] = run_language(lang, size, results.get(lang, {}), save)
     say(f"load average at the end {os.getloadavg()}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     parts = []
     for lang, res in results.items():
         prefix = "" if lang == "en" else f"{lang}_"
