@@ -282,6 +282,40 @@ def run_language(lang: str, size: Size, done: dict, save) -> dict:
     return out
 
 
+def plot_results(results: dict, path: Path) -> None:
+    """Per language: next-word accuracy by training-corpus frequency of the word (bars per model,
+    the bucket's word count under it) and bits per byte in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxtok.next_word import BUCKETS
+
+    names = [b[0] for b in BUCKETS]
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, (lang, res) in zip(axes[0], results.items()):
+        width = 0.8 / len(KINDS)
+        for i, kind in enumerate(k for k in KINDS if k in res):
+            buckets = res[kind]["buckets"]
+            acc = [buckets[n][0] / buckets[n][1] if buckets.get(n, (0, 0))[1] else np.nan for n in names]
+            ax.bar(np.arange(len(names)) + (i - 1) * width, acc, width,
+                   label=f"{kind} (bpb {res[kind]['bpb']:.2f}, all words {res[kind]['nwa']:.3f})")
+        totals = [max(res[k]["buckets"].get(n, (0, 0))[1] for k in res) for n in names]
+        ax.set_xticks(np.arange(len(names)), [f"{n}\n({t} words)" for n, t in zip(names, totals)])
+        ax.set_xlabel("times the word occurs in the training documents")
+        ax.set_ylabel("next-word accuracy")
+        ax.set_title(f"{lang}: equal parameters, training bytes and context bytes")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, path)
+    plt.close(fig)
+    say(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: an end-to-end check")
@@ -291,6 +325,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="write the results as JSON here, after each model")
     parser.add_argument("--resume", action="store_true",
                         help="keep the models already scored in --out (same size) and run only the rest")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="draw next-word accuracy by word frequency to this PNG")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
     size = dataclasses.replace(size, **{k: v for k, v in (("train_bytes", args.train_bytes),
@@ -319,6 +355,8 @@ def main(argv=None) -> int:
     for lang in args.langs.split(","):
         results[lang] = run_language(lang, size, results.get(lang, {}), save)
     say(f"load average at the end {os.getloadavg()}")
+    if args.plot:
+        plot_results(results, args.plot)
     parts = []
     for lang, res in results.items():
         prefix = "" if lang == "en" else f"{lang}_"
