@@ -3,8 +3,8 @@ training bytes, equal bytes of context, the same documents; English (the embedde
 and Japanese (Debian's ``manpages-ja``: ``apt-get install -y manpages-ja``).
 
     python benchmarks/byte_lm.py            # full size: ~1.1M-parameter models, 2 MB of training
-                                            # bytes each, 2000 scored words per language (~1.5-2 h
-                                            # on a quiet 2-core CPU, extrapolated from FLOPs)
+                                            # bytes each, 2000 scored words per language (62 min
+                                            # on a quiet 2-core AMD EPYC)
     python benchmarks/byte_lm.py --quick    # end-to-end check at a tiny size (a few minutes)
 
 Per language and model: bits per byte of held-out documents (every byte once: ``eval-bpb`` with
