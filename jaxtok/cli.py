@@ -4,7 +4,7 @@
   jaxtok eval-bpb --model smollm2-135m --text FILE [--window 8192 --sparse-attention tokenselect --select-k K]
   jaxtok generate --model smollm2-135m --prompt "Hello" [--sparse-attention tokenselect --select-k K]
   jaxtok pretrain [--config NAME] [--set key=value ...] [--mesh data=2,fsdp=2] [--run-dir DIR] [--resume]
-  jaxtok train-hypernet [--config smollm2|minilm|tiny] [--set key=value ...] [--resume | --export-only]
+  jaxtok train-hypernet [--config smollm2|minilm] [--set key=value ...] [--resume | --export-only [--export-step N]]
   jaxtok grow --from RUN_DIR --to NEW_RUN_DIR --set model.ffn_tokens=N [--mode zero|random] [--steps N]
   jaxtok train-tokenizer --text FILE... --kind bpe|unigram --vocab-size N [--base MODEL] --out NEW.json
   jaxtok transfer --model smollm2-135m --tokenizer NEW.json --method fvt --out DIR [--donor RUN_DIR]
@@ -187,7 +187,10 @@ def cmd_train_hypernet(args) -> int:
                                ("run_dir", args.run_dir)) if v is not None}
     config = dataclasses.replace(config, **extra)
     pretrain.enable_compilation_cache()
-    hypernet.run(config, resume=args.resume or args.export_only, export_only=args.export_only)
+    if args.export_step is not None and not args.export_only:
+        raise SystemExit("train-hypernet: --export-step goes with --export-only")
+    hypernet.run(config, resume=args.resume or args.export_only, export_only=args.export_only,
+                 export_step=args.export_step)
     return 0
 
 
@@ -340,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
     p.add_argument("--export-only", action="store_true",
                    help="write the latest checkpoint's weights to RUN_DIR/hypernet and stop (no training)")
+    p.add_argument("--export-step", type=int, default=None, metavar="STEP",
+                   help="with --export-only: that step's checkpoint instead of the latest")
     p.set_defaults(func=cmd_train_hypernet)
 
     # grow parses its own arguments (jaxtok.train.grow.build_parser, imported only when used):

@@ -82,7 +82,7 @@ class AffinityModel(nn.Module):
     @nn.compact
     def __call__(self, volume: jax.Array) -> jax.Array:
         cfg = self.config
-        dt, pt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        dt, pt = cfg.compute_dtype, cfg.storage_dtype
         b = volume.shape[0]
         grid = check_patch(volume.shape[1:], cfg.patch)
         features = VisionBackbone(cfg, name="backbone")(patchify(volume, cfg.patch), causal=False)

@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 # the online-softmax step and the finite mask value are tree verification's (one flash-attention update)
-from .tree_verify_attention import _MASKED, _online_update
+from .tree_verify_attention import _MASKED, _cache_problems, _online_update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,18 +201,8 @@ def _gpu_call(sel, qpos, spos, q, k, v, *, scale, block_n, interpret):
 # Public function
 
 def _check_shapes(q, k_cache, v_cache, k_positions, q_positions, selected):
-    b, t, h, d = q.shape
-    problems = []
-    if k_cache.ndim != 4 or k_cache.shape[0] != b or k_cache.shape[3] != d:
-        problems.append(f"k_cache {k_cache.shape} is not (B={b}, S, K, D={d})")
-    elif h % k_cache.shape[2]:
-        problems.append(f"query heads {h} not a multiple of key/value heads {k_cache.shape[2]}")
-    if v_cache.shape[:3] != k_cache.shape[:3]:
-        problems.append(f"v_cache {v_cache.shape} does not match k_cache {k_cache.shape}")
-    if k_positions.shape != k_cache.shape[:2]:
-        problems.append(f"k_positions {k_positions.shape} is not (B, S) = {k_cache.shape[:2]}")
-    if q_positions.shape != (b, t):
-        problems.append(f"q_positions {q_positions.shape} is not (B, T) = {(b, t)}")
+    b = q.shape[0]
+    problems = _cache_problems(q, k_cache, v_cache, k_positions, q_positions)
     if selected.ndim != 3 or selected.shape[0] != b or selected.shape[1] not in (1, k_cache.shape[2]):
         problems.append(f"selected {selected.shape} is not (B, K, N) or (B, 1, N) with (B, K) = "
                         f"{(b, k_cache.shape[2])}")

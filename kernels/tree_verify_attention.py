@@ -142,7 +142,9 @@ def _tree_verify_call(qpos, kpos, q, k, v, tree, kb, vb, *, scale, block_sizes, 
 # ---------------------------------------------------------------------------------------------
 # Public function
 
-def _check_shapes(q, k_cache, v_cache, k_positions, q_positions, k_block, v_block, tree_mask):
+def _cache_problems(q, k_cache, v_cache, k_positions, q_positions) -> list[str]:
+    """What is wrong with a (B, T, H, D) query against a (B, S, K, D) cache and its positions
+    (shared by the decode kernels' input checks)."""
     b, t, h, d = q.shape
     problems = []
     if k_cache.ndim != 4 or k_cache.shape[0] != b or k_cache.shape[3] != d:
@@ -155,6 +157,12 @@ def _check_shapes(q, k_cache, v_cache, k_positions, q_positions, k_block, v_bloc
         problems.append(f"k_positions {k_positions.shape} is not (B, S) = {k_cache.shape[:2]}")
     if q_positions.shape != (b, t):
         problems.append(f"q_positions {q_positions.shape} is not (B, T) = {(b, t)}")
+    return problems
+
+
+def _check_shapes(q, k_cache, v_cache, k_positions, q_positions, k_block, v_block, tree_mask):
+    b, t = q.shape[:2]
+    problems = _cache_problems(q, k_cache, v_cache, k_positions, q_positions)
     if k_block.shape != (b, t) + k_cache.shape[2:] or v_block.shape[:3] != k_block.shape[:3]:
         problems.append(f"k_block/v_block {k_block.shape}/{v_block.shape} are not (B, T, K, D)")
     if tree_mask.shape != (b, t, t):

@@ -244,13 +244,25 @@ def _resume_runs(tmp_path, lm, docs, held, base):
     # --export-only: the latest checkpoint's weights, nothing trained
     exported = hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "b")), base=lm, documents=docs,
                             held_out=held, devices=jax.devices()[:1], resume=True, export_only=True)
-    assert hn.load_hypernet(exported.weights)[2]["steps"] == 2 and len(losses(tmp_path / "b")) == 2
+    at_two = hn.load_hypernet(exported.weights)
+    assert at_two[2]["steps"] == 2 and len(losses(tmp_path / "b")) == 2
     with pytest.raises(FileNotFoundError, match="no checkpoint to export"):
         hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "c")), base=lm, documents=docs,
                      held_out=held, devices=jax.devices()[:1], resume=True, export_only=True)
     hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "b")), base=lm, documents=docs, held_out=held,
                  devices=jax.devices()[:1], resume=True)
     np.testing.assert_array_equal(losses(tmp_path / "b"), losses(tmp_path / "a"))
+    # --export-step: an older checkpoint's weights, as they were exported when it was the latest
+    again = hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "b")), base=lm, documents=docs,
+                         held_out=held, devices=jax.devices()[:1], resume=True, export_only=True, export_step=2)
+    older = hn.load_hypernet(again.weights)
+    assert older[2]["steps"] == 2
+    chex.assert_trees_all_equal(older[1], at_two[1])
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(older[1]),
+                                                         jax.tree.leaves(hn.load_hypernet(whole.weights)[1])))
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 3 \(saved: \[2, 4\]\)"):
+        hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "b")), base=lm, documents=docs,
+                     held_out=held, devices=jax.devices()[:1], resume=True, export_only=True, export_step=3)
     # the exported weights are the method `hypernet`: specials copied, every row predicted
     new_tok = __import__("_transfer_models").german_tokenizer()
     moved = transfer(lm, new_tok, "hypernet", [f"path={whole.weights}"], keep_chat_template=False)

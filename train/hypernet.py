@@ -489,12 +489,14 @@ class HypernetRun:
 
 def run(config: HypernetExperiment, *, base: Any = None, resume: bool = False,
         devices: Sequence[Any] | None = None, documents: Sequence[str] | None = None,
-        held_out: Sequence[str] | None = None, export_only: bool = False) -> HypernetRun:
+        held_out: Sequence[str] | None = None, export_only: bool = False,
+        export_step: int | None = None) -> HypernetRun:
     """Trains the hypernetwork of ``config`` in ``config.run_dir`` (checkpoints, metrics.jsonl,
     loss.png) and exports the final weights to ``run_dir/hypernet`` (see :func:`save_hypernet`).
     ``base``: an already loaded LM instead of ``config.model``; ``documents``/``held_out``: texts
     instead of ``config.texts`` and the default held-out files; ``export_only``: export the latest
-    checkpoint's weights without training (a run still going, or one stopped early)."""
+    checkpoint's weights without training (a run still going, or one stopped early), or those of
+    ``export_step``'s checkpoint."""
     from pathlib import Path
 
     from jaxtok.models.registry import load_pretrained_lm, module_for
@@ -536,7 +538,15 @@ def run(config: HypernetExperiment, *, base: Any = None, resume: bool = False,
         if latest is not None and not resume:
             raise ValueError(f"{checkpointer.directory} already holds checkpoints (latest step {latest}); "
                              "pass --resume to continue that run, or choose another --run-dir")
-        restored = checkpointer.restore_latest(trainer.abstract_state) if resume else None
+        if export_step is not None:
+            if not export_only:
+                raise ValueError("export_step is for export_only (training always continues from the latest step)")
+            if export_step not in checkpointer.all_steps():
+                raise FileNotFoundError(f"{checkpointer.directory}: no checkpoint of step {export_step} "
+                                        f"(saved: {checkpointer.all_steps()})")
+            restored = checkpointer.restore(export_step, trainer.abstract_state)
+        else:
+            restored = checkpointer.restore_latest(trainer.abstract_state) if resume else None
         if restored is not None:
             changes = config_changes(restored.config, saved_config)
             if changes:

@@ -17,12 +17,12 @@ from flax import linen as nn
 from flax import struct
 
 from jaxtok.nn import attention as attn
-from jaxtok.nn.layers import DenseGeneral, LayerNorm, param_with_axes
+from jaxtok.nn.layers import DenseGeneral, LayerNorm, ModelDtypes, param_with_axes, require_positive
 from jaxtok.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(ModelDtypes):
     """Shape and numerics of a BERT encoder.
 
     Attributes:
@@ -51,11 +51,8 @@ class BertConfig:
     attention: str = "auto"
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_positions",
-                     "type_vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        require_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_positions",
+                         "type_vocab_size")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}")
         if not self.layer_norm_eps > 0:
@@ -74,14 +71,6 @@ class BertConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def storage_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
     def num_params(self) -> int:
         d, f = self.d_model, self.d_ff

@@ -35,10 +35,12 @@ from jaxtok.models.llama import KVCache
 from jaxtok.nn import attention as attn
 from jaxtok.nn.layers import (
     DenseGeneral,
+    ModelDtypes,
     RMSNorm,
     check_layer_loop,
     matmul,
     param_with_axes,
+    require_positive,
     rotary_embedding,
     run_layers,
     scanned_blocks,
@@ -50,7 +52,7 @@ BYTE_VOCAB = 257
 
 
 @dataclasses.dataclass(frozen=True)
-class ByteLMConfig:
+class ByteLMConfig(ModelDtypes):
     """Shape of the three stacks.
 
     Attributes:
@@ -91,19 +93,9 @@ class ByteLMConfig:
         check_layer_loop(self.layer_loop, self.scan_unroll, self.remat)
         if self.max_word_bytes < 4:
             raise ValueError(f"max_word_bytes must be >= 4 (a UTF-8 code point), got {self.max_word_bytes}")
-        for name in ("prefix_slots", "d_model", "n_layers", "n_heads", "head_dim", "d_ff", "byte_d_model",
-                     "encoder_layers", "decoder_layers", "byte_heads", "byte_head_dim", "byte_d_ff", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "prefix_slots", "d_model", "n_layers", "n_heads", "head_dim", "d_ff", "byte_d_model",
+                         "encoder_layers", "decoder_layers", "byte_heads", "byte_head_dim", "byte_d_ff", "max_seq_len")
         attn.AttentionImpl(self.attention)
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def storage_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
     def stack(self, which: str) -> StackConfig:
         """The config of one stack: ``encoder``, ``word`` or ``decoder``."""
@@ -149,7 +141,7 @@ class ByteLMConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class StackConfig:
+class StackConfig(ModelDtypes):
     """One transformer stack (what :func:`scanned_blocks` / :func:`run_layers` need)."""
 
     d_model: int
@@ -176,7 +168,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, layer_cache, positions, segment_ids, cache_positions, cache_end):
         cfg = self.config
-        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        dt, pdt = cfg.compute_dtype, cfg.storage_dtype
         dense = dict(dtype=dt, param_dtype=pdt)
         h = RMSNorm(cfg.rms_eps, dt, pdt, name="attn_norm")(x)
         qkv_shape, qkv_axes = (cfg.d_model, cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim")
@@ -213,7 +205,7 @@ class Stack(nn.Module):
 
     def setup(self):
         self.blocks = scanned_blocks(Block, self.config)
-        self.norm = RMSNorm(self.config.rms_eps, jnp.dtype(self.config.dtype), jnp.dtype(self.config.param_dtype))
+        self.norm = RMSNorm(self.config.rms_eps, self.config.compute_dtype, self.config.storage_dtype)
 
     def __call__(self, x, positions, segment_ids=None, cache: KVCache | None = None):
         cache_positions = layer_caches = end = None

@@ -20,9 +20,11 @@ from jaxtok.decode import tokenselect
 from jaxtok.nn import attention as attn
 from jaxtok.nn.layers import (
     DenseGeneral,
+    ModelDtypes,
     RMSNorm,
     check_layer_loop,
     matmul,
+    require_positive,
     rotary_embedding,
     run_layers,
     scanned_blocks,
@@ -31,7 +33,7 @@ from jaxtok.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ModelDtypes):
     """Shape and numerics of a Llama-family decoder.
 
     Attributes:
@@ -70,18 +72,8 @@ class LlamaConfig:
         check_layer_loop(self.layer_loop, self.scan_unroll, self.remat)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff")
         attn.AttentionImpl(self.attention)  # fails early on an unknown name
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def storage_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
     def num_params(self) -> int:
         d, f = self.d_model, self.d_ff

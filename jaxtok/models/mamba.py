@@ -32,7 +32,16 @@ from flax import linen as nn
 from flax import struct
 
 from jaxtok.models.llama import LMOutput, lm_logits
-from jaxtok.nn.layers import RMSNorm, check_layer_loop, matmul, param_with_axes, run_layers, scanned_blocks
+from jaxtok.nn.layers import (
+    ModelDtypes,
+    RMSNorm,
+    check_layer_loop,
+    matmul,
+    param_with_axes,
+    require_positive,
+    run_layers,
+    scanned_blocks,
+)
 from jaxtok.nn.ssm import ScanImpl, reset_from_segments, ssm_scan
 from jaxtok.sharding import constrain
 
@@ -40,7 +49,7 @@ __all__ = ["PRESETS", "Mamba", "MambaCache", "MambaConfig", "LMOutput", "init_pa
 
 
 @dataclasses.dataclass(frozen=True)
-class MambaConfig:
+class MambaConfig(ModelDtypes):
     """Shape and numerics of a Mamba LM.
 
     Attributes:
@@ -92,10 +101,8 @@ class MambaConfig:
         check_layer_loop(self.layer_loop, self.scan_unroll, self.remat)
         if self.version not in (1, 2):
             raise ValueError(f"version must be 1 (Mamba) or 2 (Mamba-2), got {self.version}")
-        for name in ("vocab_size", "d_model", "n_layers", "d_state", "d_conv", "expand", "head_dim",
-                     "n_groups", "chunk_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "vocab_size", "d_model", "n_layers", "d_state", "d_conv", "expand", "head_dim",
+                         "n_groups", "chunk_size")
         if self.version == 2 and self.d_inner % self.head_dim:
             raise ValueError(f"d_inner={self.d_inner} is not a multiple of head_dim={self.head_dim}")
         if self.version == 2 and self.n_ssm_heads % self.n_groups:
@@ -117,14 +124,6 @@ class MambaConfig:
     @property
     def conv_channels(self) -> int:
         return self.d_inner + (2 * self.n_groups * self.d_state if self.version == 2 else 0)
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def storage_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
     # token-token attention: none (read by train.flops' Llama term)
     n_heads = 0

@@ -28,7 +28,15 @@ from flax import linen as nn
 
 from jaxtok.models.llama import KVCache, LMOutput, lm_logits, prepare_inputs
 from jaxtok.nn import attention as attn
-from jaxtok.nn.layers import LayerNorm, check_layer_loop, rotary_embedding, run_layers, scanned_blocks
+from jaxtok.nn.layers import (
+    LayerNorm,
+    ModelDtypes,
+    check_layer_loop,
+    require_positive,
+    rotary_embedding,
+    run_layers,
+    scanned_blocks,
+)
 from jaxtok.nn.pattention import NORMALIZATIONS, Pattention, default_tau
 from jaxtok.sharding import constrain
 
@@ -49,7 +57,7 @@ PATTENTION_GROUPS: dict[str, str] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenFormerConfig:
+class TokenFormerConfig(ModelDtypes):
     """Shape and numerics of a TokenFormer decoder.
 
     Attributes:
@@ -104,10 +112,8 @@ class TokenFormerConfig:
 
     def __post_init__(self):
         check_layer_loop(self.layer_loop, self.scan_unroll, self.remat)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "qkv_tokens", "proj_tokens",
-                     "ffn_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "qkv_tokens", "proj_tokens",
+                         "ffn_tokens")
         for name in ("qkv_tau_tokens", "proj_tau_tokens", "ffn_tau_tokens"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -136,14 +142,6 @@ class TokenFormerConfig:
     @property
     def rotary_dims(self) -> int:
         return int(self.head_dim * self.rotary_pct)
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def storage_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
     @property
     def value_init_std(self) -> float:

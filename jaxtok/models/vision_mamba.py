@@ -33,7 +33,7 @@ from flax import struct
 
 from jaxtok.models.mamba import MambaConfig, Mixer
 from jaxtok.nn.attention import dot_product_attention
-from jaxtok.nn.layers import DenseGeneral, LayerNorm, RMSNorm, param_with_axes
+from jaxtok.nn.layers import DenseGeneral, LayerNorm, ModelDtypes, RMSNorm, param_with_axes, require_positive
 from jaxtok.sharding import constrain
 
 __all__ = ["PRESETS", "VisionConfig", "VisionBackbone", "VisionOutput", "TokenUnifyModel", "BACKBONES"]
@@ -42,7 +42,7 @@ BACKBONES = ("mamba", "vit")
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(ModelDtypes):
     """Shape of the backbone and its heads.
 
     Attributes:
@@ -81,9 +81,7 @@ class VisionConfig:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if len(self.patch) != 3 or min(self.patch) < 1:
             raise ValueError(f"patch must be three positive sizes (z, y, x), got {self.patch}")
-        for name in ("max_tokens", "d_model", "n_layers", "n_heads", "mlp_ratio"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "max_tokens", "d_model", "n_layers", "n_heads", "mlp_ratio")
         if self.backbone == "vit" and self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}")
         if self.backbone == "mamba":
@@ -167,7 +165,7 @@ class ViTBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
         cfg = self.config
-        dt, pt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        dt, pt = cfg.compute_dtype, cfg.storage_dtype
         b, t, d = x.shape
         hd = d // cfg.n_heads
         h = LayerNorm(cfg.norm_eps, dtype=dt, param_dtype=pt, name="attn_norm")(x)
@@ -202,7 +200,7 @@ class VisionBackbone(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, causal: bool = False) -> jax.Array:
         cfg = self.config
-        dt, pt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        dt, pt = cfg.compute_dtype, cfg.storage_dtype
         b, n, v = tokens.shape
         if v != cfg.patch_dim:
             raise ValueError(f"tokens have {v} voxels, the backbone's patch {cfg.patch} has {cfg.patch_dim}")
@@ -243,7 +241,7 @@ class TokenUnifyModel(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, causal: bool = False) -> VisionOutput:
         cfg = self.config
-        dt, pt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        dt, pt = cfg.compute_dtype, cfg.storage_dtype
         features = VisionBackbone(cfg, name="backbone")(tokens, causal)
 
         def head(name):

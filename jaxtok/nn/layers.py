@@ -12,6 +12,7 @@ iteration, or a Python loop (``unrolled``), with a remat policy per config.
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -248,6 +249,26 @@ def remat_policy_name(remat: bool | str) -> str:
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat {remat!r}; valid: {REMAT_POLICIES} (or true/false)")
     return remat
+
+
+class ModelDtypes:
+    """Mixin of the model configs: their ``dtype``/``param_dtype`` names as jnp dtypes."""
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def storage_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+
+def require_positive(config: Any, *names: str) -> None:
+    """Fails early, naming the field, on a size field of ``config`` that is not a positive int."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def check_layer_loop(layer_loop: str, scan_unroll: int, remat: bool | str) -> None:
