@@ -6,9 +6,10 @@ the run never trains on. This script adds, on exactly the text those rows cover:
 
 * ``first_piece``: the hypernetwork at step 0. Its residual form starts at the first piece's
   embedding, so this is the training-free "first piece" initialisation it improves on.
-* ``base``: the original model with its own tokenizer (``jaxtok eval-bpb`` on each row's text:
-  with its document-start token every byte is scored; the hypernetwork rows leave their first
-  token unscored, so the two count slightly different bytes of the same text).
+* ``base``: the original model with its own tokenizer (``jaxtok eval-bpb`` on each row's text,
+  the whole row in one window, as the hypernetwork sees it: with its document-start token every
+  byte is scored; the hypernetwork rows leave their first token unscored, so the two count
+  slightly different bytes of the same text).
 
 and writes the curve (``--out``, default ``RUN_DIR/curve.png``), a table, and
 
@@ -67,14 +68,17 @@ def references(config: hn_train.HypernetExperiment) -> dict[str, float]:
     def apply(p, tokens, positions):
         return module.apply({"params": p}, tokens, positions=positions).logits
 
+    texts = [tok.decode(row[mask > 0].tolist()) for row, mask in zip(batch["tokens"], batch["segment_ids"])]
+    # the whole row in one window: the context the hypernetwork's row has (a window of the base
+    # tokenizer's seq_len tokens would hold less of the text and start over inside the row)
+    window = max(len(base.tokenizer.encode(t)) for t in texts) + 1
     nats = nbytes = 0.0
-    for row, mask in zip(batch["tokens"], batch["segment_ids"]):
-        text = tok.decode(row[mask > 0].tolist())
-        result = evaluate_bpb(apply, base.params, base.tokenizer, text, window=config.seq_len + 1,
-                              stride=config.seq_len + 1, batch_size=1, progress=False)
+    for text in texts:
+        result = evaluate_bpb(apply, base.params, base.tokenizer, text, window=window, stride=window,
+                              batch_size=1, progress=False)
         nats, nbytes = nats + result.nats, nbytes + result.bytes
     return {"first_piece_bpb": first_piece, "base_bpb": nats / (np.log(2) * nbytes),
-            "eval_tokenizer_vocab": tok.get_vocab_size()}
+            "eval_tokenizer_vocab": tok.get_vocab_size(), "base_window": "row"}
 
 
 def plot(evals, refs, path: Path, title: str) -> None:
@@ -112,9 +116,8 @@ def main(argv=None) -> int:
         return 2
     config = saved_experiment(run_dir)
     cached = run_dir / "references.json"
-    if cached.is_file() and not args.recompute:
-        refs = json.loads(cached.read_text())
-    else:
+    refs = json.loads(cached.read_text()) if cached.is_file() and not args.recompute else {}
+    if refs.get("base_window") != "row":  # absent, or from the version that cut rows into windows
         refs = references(config)
         tmp = cached.with_suffix(".tmp")
         tmp.write_text(json.dumps(refs, indent=1))

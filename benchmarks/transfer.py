@@ -20,8 +20,10 @@ written to ``OUT/splits.json``.
 Per domain a byte-level BPE (``--vocab``, the base's special tokens kept) is trained on the
 tokenizer split, a small Llama donor is trained on it with ``jaxtok pretrain`` (for ``omp``), and
 each method is timed and evaluated: bits per byte (the document-start token ``<|endoftext|>``
-before the text for every model), its ratio to the original model's BPB on the same text, and
-tokens per byte of the new and the original tokenizer. MiniLM (all-MiniLM-L6-v2): a new
+before the text for every model; non-overlapping windows of the same bytes of context for every
+model: ``--window`` tokens of the original tokenizer, proportionally fewer of the new), its
+ratio to the original model's BPB on the same text, and tokens per byte of the new and the
+original tokenizer. MiniLM (all-MiniLM-L6-v2): a new
 tokenizer with MiniLM's normaliser and specials on the multilingual split; cosine between the
 sentence embeddings of held-out lines under the original and the transferred tokenizer.
 
@@ -182,13 +184,18 @@ def run_smollm2(domain: str, train_docs, eval_text, args, work, smollm2, embedde
     base_bpb = bpb(smollm2, eval_text, args.window)
     base_tpb = len(smollm2.tokenizer.encode(eval_text)) / n_bytes
     rows = [{"domain": domain, "method": "original", "bpb": base_bpb, "ratio": 1.0, "tpb": base_tpb,
-             "tpb_original": base_tpb, "seconds": 0.0}]
+             "tpb_original": base_tpb, "seconds": 0.0, "window": args.window}]
     new_tpb = len(tok.encode(eval_text, add_special_tokens=False).ids) / n_bytes
+    # the same bytes of context per window for every model: --window tokens of a more compact
+    # tokenizer would hold more text (and start over less often) than the original's window
+    window = max(16, round(args.window * new_tpb / base_tpb))
+    print(f"  windows: {args.window} tokens for the original, {window} for the new tokenizer "
+          f"(~{args.window / base_tpb:.0f} bytes each)", flush=True)
     for method, (lm, seconds) in transfer_all(smollm2, tok, train_docs, donor, embedder, "smollm2-135m",
                                               args.methods).items():
-        value = bpb(lm, eval_text, args.window)
+        value = bpb(lm, eval_text, window)
         rows.append({"domain": domain, "method": method, "bpb": value, "ratio": value / base_bpb, "tpb": new_tpb,
-                     "tpb_original": base_tpb, "seconds": seconds})
+                     "tpb_original": base_tpb, "seconds": seconds, "window": window})
         print(f"  {method}: bpb {value:.4f} (x{value / base_bpb:.2f})", flush=True)
     return rows
 
@@ -273,7 +280,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=None, help="new vocabulary size (default 16384; quick 2048)")
     parser.add_argument("--eval-bytes", type=int, default=None, help="evaluated bytes per domain (default 24000)")
     parser.add_argument("--donor-steps", type=int, default=None, help="OMP donor training steps (default 300)")
-    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--window", type=int, default=512,
+                        help="tokens per window for the original model; a new tokenizer gets as many bytes")
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--methods", default="", help=f"comma-separated subset of {','.join(METHODS)} (default all)")
     args = parser.parse_args(argv)
