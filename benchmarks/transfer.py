@@ -11,6 +11,9 @@ Domains (SmolLM2-135M-Instruct, float32):
   installed with apt-get when missing), roff stripped to running text;
 * ``code``: Python's standard library as embedded by jaxtok (``stdlib_documents``): the
   ``train`` split trains the tokenizer (and the OMP donor), the ``validation`` split is evaluated.
+* ``fr`` (``--unseen-lang``): French man pages (``manpages-fr``), a language the hypernetwork's
+  training text does not have: its tokenizer split trains the tokenizer, its evaluation split is
+  evaluated (the same file-level split).
 
 Fixed file-level split of the man pages, reused by "Tokenizer transfer II": a file (key
 ``<lang>/<path under /usr/share/man/<lang>>``) goes by ``jaxtok.data.sources.validation_bucket(key)``
@@ -62,14 +65,14 @@ RUNS = [*((m, m, ()) for m in METHODS), ("omp_k8", "omp", ("k=8",)),
 
 
 
-def ensure_manpages() -> None:
-    """apt-get installs manpages-de/-es/-it unless their files are there (sudo when not root)."""
-    if all(Path(f"/usr/share/doc/manpages-{lang}").exists() for lang in LANGS):
+def ensure_manpages(langs=LANGS) -> None:
+    """apt-get installs manpages-<lang> (default de/es/it) unless their files are there (sudo when not root)."""
+    if all(Path(f"/usr/share/doc/manpages-{lang}").exists() for lang in langs):
         return
     prefix = [] if os.geteuid() == 0 else ["sudo"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run([*prefix, "apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run([*prefix, "apt-get", "install", "-y", "-qq", *[f"manpages-{lang}" for lang in LANGS]],
+    subprocess.run([*prefix, "apt-get", "install", "-y", "-qq", *[f"manpages-{lang}" for lang in langs]],
                    check=True, env=env)
 
 
@@ -283,6 +286,9 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=512,
                         help="tokens per window for the original model; a new tokenizer gets as many bytes")
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--unseen-lang", default="fr",
+                        help="a third domain: man pages of a language the hypernetwork never trained on "
+                             "(its own tokenizer and evaluation split; '' to skip)")
     parser.add_argument("--methods", default="", help=f"comma-separated subset of {','.join(METHODS)} (default all)")
     args = parser.parse_args(argv)
     args.vocab = args.vocab or (2048 if args.quick else 16384)
@@ -296,7 +302,7 @@ def main(argv=None) -> int:
     work = Path(args.out_dir)
     work.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {cpu_model()}; load average {os.getloadavg()[0]:.2f} at start", flush=True)
-    ensure_manpages()
+    ensure_manpages(LANGS + ((args.unseen_lang,) if args.unseen_lang else ()))
     split = manpage_split()
     (work / "splits.json").write_text(json.dumps({k: [key for key, _ in v] for k, v in split.items()}, indent=1))
     print("man page split: " + ", ".join(f"{k} {len(v)} files" for k, v in split.items()), flush=True)
@@ -308,8 +314,15 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     smollm2 = load_pretrained_lm("smollm2-135m")
     embedder = shared_embedder()
+    domains = [("multilingual", ml_train, ml_eval), ("code", code_train, code_eval)]
+    if args.unseen_lang:
+        unseen = manpage_split((args.unseen_lang,))
+        if not unseen["evaluation"]:
+            raise SystemExit(f"no man pages for {args.unseen_lang!r}: apt-get install -y manpages-{args.unseen_lang}")
+        domains.append((args.unseen_lang, take_bytes([t for _, t in unseen["tokenizer"]], train_bytes),
+                        "\n\n".join(take_bytes([t for _, t in unseen["evaluation"]], args.eval_bytes))))
     rows = []
-    for domain, train_docs, eval_text in (("multilingual", ml_train, ml_eval), ("code", code_train, code_eval)):
+    for domain, train_docs, eval_text in domains:
         rows += run_smollm2(domain, train_docs, eval_text, args, work, smollm2, embedder)
     cos = {}
     if not args.skip_minilm:
@@ -323,7 +336,7 @@ def main(argv=None) -> int:
           f"load average {os.getloadavg()[0]:.2f} at the end; CPU {cpu_model()}")
     parts = [f"{r['domain']}_{r['method']}_bpb_ratio={r['ratio']:.4f}" for r in rows if r["method"] != "original"]
     parts += [f"{r['domain']}_{r['method']}_seconds={r['seconds']:.1f}" for r in rows if r["method"] != "original"]
-    for d in ("multilingual", "code"):
+    for d, _, _ in domains:
         first = next(r for r in rows if r["domain"] == d)
         parts.append(f"{d}_tokens_per_byte_new={rows[rows.index(first) + 1]['tpb']:.4f} "
                      f"{d}_tokens_per_byte_original={first['tpb']:.4f}")
