@@ -227,7 +227,8 @@ def evaluate(entry: Entry, params, held: list[str], size: Size, counts: dict[str
         for doc in held:
             r = evaluate_bpb(apply, params, entry.tokenizer, doc, window=window, stride=window, progress=False)
             nats, nbytes = nats + r.nats, nbytes + r.bytes
-        continuer = TokenLMContinuer(model, params, entry.tokenizer, heal_whitespace=entry.kind == "subword")
+        subword = entry.kind == "subword"  # a BPE: contexts end inside pieces, to be healed
+        continuer = TokenLMContinuer(model, params, entry.tokenizer, heal_whitespace=subword, heal_tokens=subword)
     total = NextWordResult(0, 0, {})
     left = size.eval_words
     bar = tqdm(total=size.eval_words, desc=f"next word {entry.kind}", unit="word", leave=False)

@@ -22,6 +22,7 @@ tokenizer (a subword Llama, a byte-level Llama); :class:`ByteLMContinuer` the wo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -140,33 +141,87 @@ class TokenLMContinuer:
     from the prompt and the continuation must produce it first: the same bytes are predicted,
     from a prompt cut where the tokenizer cuts (a continuation that does not start with the
     whitespace is returned as it is, so it fails). Set for subword models; byte models need none.
+
+    ``heal_tokens`` (token healing, byte-level BPEs): the same for any cut, not only whitespace. A
+    context cut inside a piece the tokenizer would have merged (a Japanese character in the
+    middle of a multi-character piece, ``"ca"`` of ``"cat"``) ends in a token the model rarely saw
+    there. The prompt's last token is dropped, the first new token must start with its bytes
+    (``generate``'s ``first_allowed``), and the continuation must give those bytes back first.
+    With both, a context that whitespace healing cut is left as it is (GPT-2 style pre-tokens
+    start at whitespace, so that cut is already one the tokenizer makes).
     """
 
     model: Any
     params: Any
     tokenizer: Any  # jaxtok.tokenization.TextTokenizer
     heal_whitespace: bool = False
+    heal_tokens: bool = False
 
     def __call__(self, contexts: Sequence[str], min_bytes: int) -> list[bytes]:
         from jaxtok.decode.generate import generate
 
         tok = self.tokenizer
         cut = [c.rstrip() if self.heal_whitespace else c for c in contexts]
-        owed = [c[len(k):].encode("utf-8") for c, k in zip(contexts, cut)]  # whitespace to produce first
+        owed = [c[len(k):].encode("utf-8") for c, k in zip(contexts, cut)]  # bytes to produce first
         start = [] if tok.doc_start_id is None else [tok.doc_start_id]
         prompts = [start + tok.encode(c) for c in cut]
         if any(not p for p in prompts):
             raise ValueError("an empty context needs a tokenizer with a document-start token")
+        allowed, surfaces = None, None
+        if self.heal_tokens:
+            surfaces = _surfaces(tok.hf)
+            allowed = np.ones((len(prompts), self.model.config.vocab_size), bool)
+            for i, prompt in enumerate(prompts):
+                # a context cut at its trailing whitespace already ends where the tokenizer cuts
+                if len(prompt) > len(start) and not owed[i]:
+                    dropped = surfaces.bytes[prompt[-1]]
+                    prompts[i], owed[i] = prompt[:-1], dropped + owed[i]
+                    allowed[i] = surfaces.starting_with(dropped, allowed.shape[1])
         eos = tok.eos_id if tok.eos_id is not None else -1
         ids = generate(self.model, self.params, prompts, max_new_tokens=min_bytes + max(map(len, owed)), eos_id=eos,
-                       pad_id=0 if tok.pad_id is None else tok.pad_id)
+                       pad_id=0 if tok.pad_id is None else tok.pad_id, first_allowed=allowed)
         out = []
-        for row, ws in zip(ids, owed):
+        for row, debt in zip(ids, owed):
             if eos in row:  # the document ended: the continuation stops there
                 row = row[:row.index(eos)]
-            text = tok.decode(row, skip_special_tokens=True).encode("utf-8")
-            out.append(text[len(ws):] if text.startswith(ws) else b"\0" + text)
+            # surfaces, not decoded text, when healing: a healed token may be part of a character
+            text = (surfaces.join(row) if surfaces is not None
+                    else tok.decode(row, skip_special_tokens=True).encode("utf-8"))
+            out.append(text[len(debt):] if text.startswith(debt) else b"\0" + text)
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Surfaces:
+    """The bytes of every token of a byte-level vocabulary, as a padded matrix for prefix tests."""
+
+    bytes: tuple[bytes, ...]
+    matrix: np.ndarray  # (V, longest) uint8
+    lengths: np.ndarray  # (V,); -1 for special tokens (never allowed, never joined)
+
+    def starting_with(self, prefix: bytes, width: int) -> np.ndarray:
+        """(width,) bools: the ids whose bytes start with ``prefix`` (ids past the vocabulary: no)."""
+        n = len(prefix)
+        ok = (self.lengths >= n) & (self.matrix[:, :n] == np.frombuffer(prefix, np.uint8)).all(axis=1)
+        return np.pad(ok, (0, width - len(ok)))[:width]
+
+    def join(self, ids: Sequence[int]) -> bytes:
+        return b"".join(self.bytes[i] for i in ids if i < len(self.bytes) and self.lengths[i] >= 0)
+
+
+@functools.lru_cache(maxsize=4)
+def _surfaces(hf) -> _Surfaces:
+    from jaxtok.transfer.decompose import vocabulary
+
+    vocab = vocabulary(hf)
+    if vocab.kind != "byte_level":
+        raise ValueError(f"token healing needs a byte-level tokenizer (its tokens are bytes); this one is {vocab.kind}")
+    longest = max(map(len, vocab.surfaces))
+    matrix = np.zeros((vocab.size, longest), np.uint8)
+    for i, surface in enumerate(vocab.surfaces):
+        matrix[i, :len(surface)] = np.frombuffer(surface, np.uint8)
+    lengths = np.where(vocab.special, -1, [len(x) for x in vocab.surfaces])
+    return _Surfaces(tuple(vocab.surfaces), matrix, lengths)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,7 +92,7 @@ def _prefill(model, params, tokens, positions, cache, sparse):
                                        cache=cache)
 
 
-def _generate(model, decode_model, params, tokens, positions, rng, *, max_new_tokens: int,
+def _generate(model, decode_model, params, tokens, positions, rng, first_allowed=None, *, max_new_tokens: int,
               sampling: SamplingConfig, eos_id: int, pad_id: int, sparse=None):
     batch, prompt_len = tokens.shape
     # The prompt attends to a cache of its own length (not to the empty slots of the new tokens),
@@ -108,6 +108,8 @@ def _generate(model, decode_model, params, tokens, positions, rng, *, max_new_to
             sparse, c.n_layers, batch, c.n_heads, c.n_kv_heads, c.head_dim))
     next_pos = positions[:, -1] + 1
     rng, step_rng = jax.random.split(rng)
+    if first_allowed is not None:
+        last_logits = jnp.where(first_allowed, last_logits, jnp.finfo(last_logits.dtype).min)
     first = sample_token(last_logits, step_rng, sampling)
     generated = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
@@ -179,9 +181,14 @@ def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_n
              eos_id: int, pad_id: int | None = None, sampling: SamplingConfig = SamplingConfig(),
              rng: jax.Array | None = None, prefill_loop: str | None = PREFILL_LAYER_LOOP,
              decode_loop: str | None = DECODE_LAYER_LOOP,
-             sparse: tokenselect.TokenSelectConfig | None = None) -> list[list[int]]:
+             sparse: tokenselect.TokenSelectConfig | None = None,
+             first_allowed: np.ndarray | None = None) -> list[list[int]]:
     """Continuations of ``prompts`` (lists of ids); each stops after its EOS (kept) or at
     ``max_new_tokens``.
+
+    ``first_allowed``: (len(prompts), vocab) bools, the ids each row's first new token may take
+    (token healing: the prompt without its last token, continued by a token that starts with
+    that token's bytes); None allows every id.
 
     ``prefill_loop`` / ``decode_loop``: the layer loop (``scan``, ``unrolled``) of the prompt's
     pass and of the one-token steps; None keeps the model config's ``layer_loop``.
@@ -191,8 +198,8 @@ def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_n
         raise ValueError("max_new_tokens must be >= 1")
     own = getattr(model, "generate_ids", None)
     if own is not None:  # a family that decodes its own way (the byte LM: words of bytes, ids = bytes)
-        if sparse is not None:
-            raise ValueError(f"{type(model).__name__} has no sparse decoding")
+        if sparse is not None or first_allowed is not None:
+            raise ValueError(f"{type(model).__name__} has no sparse decoding or first-token constraint")
         return own(params, prompts, max_new_tokens=max_new_tokens, sampling=sampling, rng=rng)
     pad_id = eos_id if pad_id is None else pad_id
     longest = max((len(p) for p in prompts), default=0)
@@ -203,12 +210,20 @@ def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_n
     if longest + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"prompt ({longest} tokens) + {max_new_tokens} new tokens exceeds "
                          f"the model's context of {model.config.max_seq_len}")
+    if first_allowed is not None:
+        first_allowed = np.asarray(first_allowed, bool)
+        want = (len(prompts), model.config.vocab_size)
+        if first_allowed.shape != want:
+            raise ValueError(f"first_allowed has shape {first_allowed.shape}, expected (prompts, vocab) = {want}")
+        if not first_allowed.any(axis=1).all():
+            raise ValueError("first_allowed leaves a row no token to start with")
+        first_allowed = jnp.asarray(first_allowed)
     rng = jax.random.key(0) if rng is None else rng
     run = _generate_jit_cpu if _skip_float_normalization(model, params) else _generate_jit
     # one new token runs no decode step: no need to compile an unrolled one
     models = (with_layer_loop(model, prefill_loop),
               with_layer_loop(model, decode_loop if max_new_tokens > 1 else prefill_loop))
-    out = np.asarray(run(*models, params, jnp.asarray(tokens), jnp.asarray(positions), rng,
+    out = np.asarray(run(*models, params, jnp.asarray(tokens), jnp.asarray(positions), rng, first_allowed,
                          max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
                          sparse=sparse))
     results = []
