@@ -4,7 +4,8 @@
   jaxtok eval-bpb --model smollm2-135m --text FILE [--window 8192 --sparse-attention tokenselect --select-k K]
   jaxtok generate --model smollm2-135m --prompt "Hello" [--sparse-attention tokenselect --select-k K]
   jaxtok pretrain [--config NAME] [--set key=value ...] [--mesh data=2,fsdp=2] [--run-dir DIR] [--resume]
-  jaxtok train-hypernet [--config smollm2|minilm] [--set key=value ...] [--resume | --export-only [--export-step N]]
+  jaxtok train-hypernet [--config smollm2|minilm] [--set key=value ...] [--init-from FOLDER]
+                       [--resume | --export-only [--export-step N]]
   jaxtok grow --from RUN_DIR --to NEW_RUN_DIR --set model.ffn_tokens=N [--mode zero|random] [--steps N]
   jaxtok train-tokenizer --text FILE... --kind bpe|unigram --vocab-size N [--base MODEL] --out NEW.json
   jaxtok transfer --model smollm2-135m --tokenizer NEW.json --method fvt --out DIR [--donor RUN_DIR]
@@ -184,7 +185,7 @@ def cmd_train_hypernet(args) -> int:
 
     config = hypernet.apply_overrides(hypernet.get_experiment(args.config), args.set)
     extra = {k: v for k, v in (("model", args.model), ("model_path", args.model_path), ("mesh", args.mesh),
-                               ("run_dir", args.run_dir)) if v is not None}
+                               ("run_dir", args.run_dir), ("init_from", args.init_from)) if v is not None}
     config = dataclasses.replace(config, **extra)
     pretrain.enable_compilation_cache()
     if args.export_step is not None and not args.export_only:
@@ -341,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=2")
     p.add_argument("--run-dir", default=None, help="where checkpoints, metrics and the weights go")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+    p.add_argument("--init-from", default=None, metavar="FOLDER",
+                   help="start from these exported weights (`shipped`: the shipped ones), optimizer restarted")
     p.add_argument("--export-only", action="store_true",
                    help="write the latest checkpoint's weights to RUN_DIR/hypernet and stop (no training)")
     p.add_argument("--export-step", type=int, default=None, metavar="STEP",

@@ -263,6 +263,20 @@ def _resume_runs(tmp_path, lm, docs, held, base):
     with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 3 \(saved: \[2, 4\]\)"):
         hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "b")), base=lm, documents=docs,
                      held_out=held, devices=jax.devices()[:1], resume=True, export_only=True, export_step=3)
+    # --init-from: a fresh run from the step-2 export reads the text of steps 2 and 3, so its first
+    # loss is the uninterrupted run's third (up to the bf16 export); 2 + 2 steps behind its weights
+    warm = hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "d"), steps=2, init_from=str(again.weights)),
+                        base=lm, documents=docs, held_out=held, devices=jax.devices()[:1])
+    first, uninterrupted = losses(tmp_path / "d")[0], losses(tmp_path / "a")
+    assert abs(first - uninterrupted[2]) < 0.1 * min(abs(first - uninterrupted[0]), abs(first - uninterrupted[1]))
+    assert hn.load_hypernet(warm.weights)[2]["steps"] == 4 and hn.load_hypernet(whole.weights)[2]["steps"] == 4
+    assert json.loads((tmp_path / "d" / hn_train.WARM_START_FILE).read_text()) == {"from": str(again.weights),
+                                                                                  "steps": 2}
+    other = hn.save_hypernet(tmp_path / "deeper", dataclasses.replace(older[0], n_layers=2),
+                             hn.init_params(dataclasses.replace(older[0], n_layers=2), jax.random.key(0)))
+    with pytest.raises(ValueError, match="does not fit this run's hypernetwork: n_layers 2 there, 1 here"):
+        hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "e"), init_from=str(other)), base=lm,
+                     documents=docs, held_out=held, devices=jax.devices()[:1])
     # the exported weights are the method `hypernet`: specials copied, every row predicted
     new_tok = __import__("_transfer_models").german_tokenizer()
     moved = transfer(lm, new_tok, "hypernet", [f"path={whole.weights}"], keep_chat_template=False)

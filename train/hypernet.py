@@ -12,6 +12,10 @@ compiles once.
 The base LM is the trainer's frozen state (an argument of the step, sharded like the model);
 only the hypernetwork trains. Batch ``k`` and its tokenizer are functions of (seed, k) alone, so
 a resumed run draws exactly what the uninterrupted run would.
+
+A run may start from exported weights instead of an initialisation (``init_from``, e.g. the
+shipped hypernetwork): the optimizer starts afresh and the text stream goes on after the steps
+those weights were trained for, so a run can be carried on from its export alone.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ from jaxtok.transfer.hypernet import (
     embedding_stats,
     for_base,
     init_params,
+    load_hypernet,
     predict,
     save_hypernet,
+    shipped_hypernet,
 )
 from jaxtok.transfer.sampler import SamplerConfig, sample_tokenizer
 
@@ -331,6 +337,8 @@ class HypernetExperiment:
         run with ``short_width`` piece slots (``hypernet.predict``); width 0 turns buckets off.
       eval_rows: held-out rows (evaluation files, one fixed sampled tokenizer) scored every
         ``eval_every`` steps, in bits per byte.
+      init_from: a hypernetwork folder (``shipped``: the one shipped for ``model``) whose weights
+        start a fresh run, the optimizer restarted (:func:`warm_start`); "" initialises.
     """
 
     name: str = "smollm2"
@@ -358,6 +366,7 @@ class HypernetExperiment:
     seed: int = 0
     mesh: str = ""
     progress: bool = True
+    init_from: str = ""
 
     def __post_init__(self):
         if min(self.rows, self.seq_len, self.steps) < 1 or self.queue < 0:
@@ -479,6 +488,29 @@ def eval_batches(config: HypernetExperiment, docs: Sequence[str], base: TextToke
             for i in range(0, config.eval_rows, config.rows)]
 
 
+WARM_START_FILE = "warm_start.json"  # in the run dir: where a warm-started run's weights came from
+ARCHITECTURE = ("embed_dim", "tied", "max_pieces", "d_model", "n_layers", "n_heads", "d_ff", "residual")
+
+
+def warm_start(init_from: str, hcfg: HypernetConfig, model: str) -> tuple[dict, int, str]:
+    """(float32 params, training steps behind them, folder) of the exported hypernetwork
+    ``init_from`` (``shipped``: the one shipped for ``model``); a folder of another architecture
+    or base model is refused, naming the differences."""
+    from pathlib import Path
+
+    folder = shipped_hypernet(model) if init_from == "shipped" else Path(init_from)
+    if folder is None:
+        raise FileNotFoundError(f"init_from=shipped: no hypernetwork is shipped for {model}")
+    saved, params, meta = load_hypernet(folder)
+    diff = [f"{k} {getattr(saved, k)} there, {getattr(hcfg, k)} here" for k in ARCHITECTURE
+            if getattr(saved, k) != getattr(hcfg, k)]
+    if diff:
+        raise ValueError(f"{folder} does not fit this run's hypernetwork: {'; '.join(diff)}")
+    if meta.get("base_model", model) != model:
+        raise ValueError(f"{folder} was trained for {meta['base_model']}, not {model}")
+    return params, int(meta.get("steps", 0)), str(folder)
+
+
 @dataclasses.dataclass(frozen=True)
 class HypernetRun:
     run_dir: Any
@@ -557,7 +589,17 @@ def run(config: HypernetExperiment, *, base: Any = None, resume: bool = False,
         elif export_only:
             raise FileNotFoundError(f"{checkpointer.directory}: no checkpoint to export")
         else:
-            state = trainer.init_state(jax.random.key(config.seed))
+            params = None
+            if config.init_from:
+                params, done, source = warm_start(config.init_from, hcfg, config.model)
+                data.set_state({"step": done})  # the text the source run would have read next
+                if jax.process_index() == 0:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    tmp = run_dir / (WARM_START_FILE + ".tmp")
+                    tmp.write_text(json.dumps({"from": source, "steps": done}, indent=1))
+                    tmp.replace(run_dir / WARM_START_FILE)
+                _say(f"warm start from {source} ({done} steps; optimizer restarted)")
+            state = trainer.init_state(jax.random.key(config.seed), params)
         # model FLOPs of a step: the frozen LM's forward + backward to the embeddings, the
         # hypernetwork's over the padded vocabulary (counted per LM token)
         tokens_per_step = config.rows * config.seq_len
@@ -585,7 +627,8 @@ def run(config: HypernetExperiment, *, base: Any = None, resume: bool = False,
                 if jax.process_index() == 0:
                     plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE)
     weights = save_hypernet(run_dir / "hypernet", hcfg, jax.device_get(state.params),
-                            {"base_model": config.model, "steps": int(jax.device_get(state.step)),
+                            # steps: of training behind the weights, a warm start's source's included
+                            {"base_model": config.model, "steps": int(data.get_state()["step"]),
                              "experiment": saved_config}, overwrite=True)
     _say(f"hypernetwork weights: {weights}")
     return HypernetRun(run_dir=run_dir, state=state, summary=summary, weights=weights)
