@@ -172,8 +172,9 @@ class TokenLMContinuer:
             surfaces = _surfaces(tok.hf)
             allowed = np.ones((len(prompts), self.model.config.vocab_size), bool)
             for i, prompt in enumerate(prompts):
-                # a context cut at its trailing whitespace already ends where the tokenizer cuts
-                if len(prompt) > len(start) and not owed[i]:
+                # a context cut at its trailing whitespace, or ending in a special token, already
+                # ends where the tokenizer cuts
+                if len(prompt) > len(start) and not owed[i] and surfaces.lengths[prompt[-1]] >= 0:
                     dropped = surfaces.bytes[prompt[-1]]
                     prompts[i], owed[i] = prompt[:-1], dropped + owed[i]
                     allowed[i] = surfaces.starting_with(dropped, allowed.shape[1])

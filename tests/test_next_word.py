@@ -174,6 +174,9 @@ def test_token_healing_drops_the_last_token_and_asks_for_its_bytes_first():
     # a context whitespace healing cut is not healed again: it already ends where the tokenizer cuts
     both = TokenLMContinuer(model, params, tok, heal_whitespace=True, heal_tokens=True)(["the cat "], 3)[0]
     assert both == TokenLMContinuer(model, params, tok, heal_whitespace=True)(["the cat "], 3)[0]
+    # nor one ending in a special token (no token's bytes start with it)
+    special = TokenLMContinuer(model, params, tok, heal_tokens=True)(["the cat<s>"], 3)[0]
+    assert special == TokenLMContinuer(model, params, tok)(["the cat<s>"], 3)[0]
     from tokenizers import Tokenizer, models
 
     plain = Tokenizer(models.WordLevel({"a": 0, "<s>": 1}, unk_token="a"))
