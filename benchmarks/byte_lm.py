@@ -45,6 +45,7 @@ from jaxtok.segmentation import split_words
 from jaxtok.sharding import make_mesh
 from jaxtok.tokenization import TextTokenizer
 from jaxtok.train.flops import cpu_model, model_flops_per_token
+from jaxtok.train.observe import save_figure
 from jaxtok.train.pretrain import model_vocab_size, train_bpe
 from jaxtok.train.trainer import OptimizerConfig, Trainer, lm_task
 
@@ -309,11 +310,7 @@ def plot_results(results: dict, path: Path) -> None:
         ax.set_title(f"{lang}: equal parameters, training bytes and context bytes")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
     say(f"wrote {path}")
 
 

@@ -10,10 +10,13 @@ the run never trains on. This script adds, on exactly the text those rows cover:
   the whole row in one window, as the hypernetwork sees it: with its document-start token every
   byte is scored; the hypernetwork rows leave their first token unscored, so the two count
   slightly different bytes of the same text).
+* ``start`` (a run started with ``--init-from``): the weights it started from, plotted at the
+  steps behind them; the curve's steps count from there. Computed while that folder still holds
+  them (run this script once early in such a run).
 
 and writes the curve (``--out``, default ``RUN_DIR/curve.png``), a table, and
 
-    RESULT steps= hours= eval_bpb= first_piece_bpb= base_bpb= ratio_to_base= tokens_per_s= mfu=
+    RESULT steps= run_steps= hours= eval_bpb= first_piece_bpb= base_bpb= ratio_to_base= tokens_per_s= mfu=
 
 Run while the training runs or after it (it reads metrics.jsonl and the checkpoint's config; the
 two reference numbers are computed once and kept in ``RUN_DIR/references.json``):
@@ -35,7 +38,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxtok.train import hypernet as hn_train
-from jaxtok.train.observe import read_metrics
+from jaxtok.train.observe import read_metrics, save_figure
 
 
 def saved_experiment(run_dir: Path) -> hn_train.HypernetExperiment:
@@ -44,8 +47,9 @@ def saved_experiment(run_dir: Path) -> hn_train.HypernetExperiment:
     return config_from_json(saved_config_json(run_dir / "checkpoints")[1], hn_train.HypernetExperiment)
 
 
-def references(config: hn_train.HypernetExperiment) -> dict[str, float]:
-    """Bits per byte of the first-piece start and of the original model on the eval rows' text."""
+def references(config: hn_train.HypernetExperiment, warm: dict | None) -> dict[str, float]:
+    """Bits per byte of the first-piece start, of a warm start's weights and of the original model
+    on the eval rows' text."""
     from jaxtok.evaluate import evaluate_bpb
     from jaxtok.models.registry import load_pretrained_lm, module_for
     from jaxtok.transfer.hypernet import for_base
@@ -61,9 +65,20 @@ def references(config: hn_train.HypernetExperiment) -> dict[str, float]:
 
     task = hn_train.hypernet_task(hcfg, module, None, config.aux_weight, config.seed, data.short)
     frozen = hn_train.frozen_state(lm_config, base.params)
-    params = nn.unbox(task.init_fn(jax.random.key(config.seed)))
-    _, metrics = jax.jit(lambda p, b, f: task.objective(p, b, None, f))(params, batch, frozen)
-    first_piece = float(metrics["nats"]) / (np.log(2) * float(metrics["bytes"]))
+    score = jax.jit(lambda p, b, f: task.objective(p, b, None, f)[1])
+
+    def hypernet_bpb(params) -> float:
+        metrics = score(params, batch, frozen)
+        return float(metrics["nats"]) / (np.log(2) * float(metrics["bytes"]))
+
+    first_piece = hypernet_bpb(nn.unbox(task.init_fn(jax.random.key(config.seed))))
+    start = {}
+    if warm:
+        params, steps, source = hn_train.warm_start(warm["from"], hcfg, config.model)
+        if steps != warm["steps"]:
+            raise SystemExit(f"{source} now holds weights of {steps} steps, not the {warm['steps']} this run "
+                             "started from: their bits per byte can no longer be measured")
+        start = {"start_bpb": hypernet_bpb(params), "start_steps": steps}
 
     def apply(p, tokens, positions):
         return module.apply({"params": p}, tokens, positions=positions).logits
@@ -78,7 +93,7 @@ def references(config: hn_train.HypernetExperiment) -> dict[str, float]:
                               batch_size=1, progress=False)
         nats, nbytes = nats + result.nats, nbytes + result.bytes
     return {"first_piece_bpb": first_piece, "base_bpb": nats / (np.log(2) * nbytes),
-            "eval_tokenizer_vocab": tok.get_vocab_size(), "base_window": "row"}
+            "eval_tokenizer_vocab": tok.get_vocab_size(), "base_window": "row", **start}
 
 
 def plot(evals, refs, path: Path, title: str) -> None:
@@ -88,8 +103,11 @@ def plot(evals, refs, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([0] + [r["step"] for r in evals], [refs["first_piece_bpb"]] + [r["bpb"] for r in evals],
-            marker="o", ms=3, label="hypernetwork (held-out text, unseen tokenizer)")
+    start = refs.get("start_steps", 0)
+    ax.plot([start] + [start + r["step"] for r in evals], [refs.get("start_bpb", refs["first_piece_bpb"])]
+            + [r["bpb"] for r in evals], marker="o", ms=3, label="hypernetwork (held-out text, unseen tokenizer)")
+    if start:
+        ax.axvline(start, color="tab:gray", ls="--", alpha=0.6, label=f"warm start at step {start} (new optimizer)")
     ax.axhline(refs["first_piece_bpb"], color="tab:gray", ls=":", label="first-piece start (step 0)")
     ax.axhline(refs["base_bpb"], color="tab:green", ls="--", label="original model, own tokenizer")
     ax.axhline(1.10 * refs["base_bpb"], color="tab:green", ls=":", alpha=0.6, label="goal: 1.10 x original")
@@ -99,9 +117,7 @@ def plot(evals, refs, path: Path, title: str) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:
@@ -115,10 +131,13 @@ def main(argv=None) -> int:
         print(f"{run_dir}: no metrics.jsonl (not a train-hypernet run directory)", file=sys.stderr)
         return 2
     config = saved_experiment(run_dir)
+    warm_file = run_dir / hn_train.WARM_START_FILE
+    warm = json.loads(warm_file.read_text()) if warm_file.is_file() else None
     cached = run_dir / "references.json"
     refs = json.loads(cached.read_text()) if cached.is_file() and not args.recompute else {}
-    if refs.get("base_window") != "row":  # absent, or from the version that cut rows into windows
-        refs = references(config)
+    # absent, from the version that cut rows into windows, or without the warm start's line
+    if refs.get("base_window") != "row" or (warm and "start_bpb" not in refs):
+        refs = references(config, warm)
         tmp = cached.with_suffix(".tmp")
         tmp.write_text(json.dumps(refs, indent=1))
         tmp.replace(cached)
@@ -131,16 +150,20 @@ def main(argv=None) -> int:
     hours = sum(r.get("step_s", 0.0) for r in train) / 3600
     rate = statistics.median(r["tokens_per_s"] for r in train if "tokens_per_s" in r)
     mfu = statistics.median(r["mfu"] for r in train if "mfu" in r) if any("mfu" in r for r in train) else float("nan")
+    start = refs.get("start_steps", 0)
     print(f"{'step':>6} {'bpb':>7} {'/ base':>7}")
+    if start:
+        print(f"{start:>6} {refs['start_bpb']:>7.4f} {refs['start_bpb'] / refs['base_bpb']:>7.3f}  (warm start)")
     for r in evals:
-        print(f"{r['step']:>6} {r['bpb']:>7.4f} {r['bpb'] / refs['base_bpb']:>7.3f}")
+        print(f"{start + r['step']:>6} {r['bpb']:>7.4f} {r['bpb'] / refs['base_bpb']:>7.3f}")
     print(f"first-piece start {refs['first_piece_bpb']:.4f}, original model {refs['base_bpb']:.4f} bits/byte; "
-          f"eval tokenizer {refs['eval_tokenizer_vocab']} tokens; {hours:.2f} h of steps")
+          f"eval tokenizer {refs['eval_tokenizer_vocab']} tokens; {hours:.2f} h of steps"
+          + (f" after the warm start from {warm['from']}" if warm else ""))
     out = Path(args.out) if args.out else run_dir / "curve.png"
     plot(evals, refs, out, f"{config.model}: hypernetwork held-out bits/byte")
     print(f"curve: {out}")
     last = evals[-1]
-    print(f"RESULT steps={last['step']} hours={hours:.2f} eval_bpb={last['bpb']:.4f} "
+    print(f"RESULT steps={start + last['step']} run_steps={last['step']} hours={hours:.2f} eval_bpb={last['bpb']:.4f} "
           f"first_piece_bpb={refs['first_piece_bpb']:.4f} base_bpb={refs['base_bpb']:.4f} "
           f"ratio_to_base={last['bpb'] / refs['base_bpb']:.3f} tokens_per_s={rate:.0f} mfu={mfu:.3f}")
     return 0

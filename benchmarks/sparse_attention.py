@@ -54,6 +54,7 @@ from jaxtok.models.llama import KVCache, Llama  # noqa: E402
 from jaxtok.models.registry import load_pretrained_lm  # noqa: E402
 from jaxtok.nn import attention as attn  # noqa: E402
 from jaxtok.nn.layers import split_layers  # noqa: E402
+from jaxtok.train.observe import save_figure  # noqa: E402
 
 H, K, D = 9, 3, 64  # SmolLM2's attention
 MAN1 = Path("/usr/share/man/man1")
@@ -244,11 +245,7 @@ def plot_quality(dense: float, curve: dict, kv_head: float, k: int, n_fixed: int
     ax.set_title("SmolLM2-135M on long man pages, chunked prefill")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
     print(f"  wrote {path}")
 
 

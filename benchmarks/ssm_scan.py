@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from jaxtok.nn.ssm import ssm_scan
 from jaxtok.train.flops import cpu_model
+from jaxtok.train.observe import save_figure
 
 
 def shapes(kind, t):
@@ -146,7 +147,7 @@ def lm_compare(llama_steps: int, out_dir: Path) -> tuple[float, float]:
     plt.ylabel("eval bits per byte")
     plt.legend()
     plt.tight_layout()
-    fig.savefig(out_dir / "bpb_vs_flops.png", dpi=120)
+    save_figure(fig, out_dir / "bpb_vs_flops.png", dpi=120)
     print(f"plot: {out_dir / 'bpb_vs_flops.png'}")
     return final["mamba"], final["llama"]
 

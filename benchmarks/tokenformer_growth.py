@@ -28,7 +28,7 @@ import jax
 
 from jaxtok.train import configs, grow, pretrain
 from jaxtok.train.flops import model_flops_per_token
-from jaxtok.train.observe import METRICS_FILE, read_metrics
+from jaxtok.train.observe import METRICS_FILE, read_metrics, save_figure
 
 SMALL = dict(qkv_tokens=64, proj_tokens=64, ffn_tokens=256)
 LARGE = dict(qkv_tokens=128, proj_tokens=128, ffn_tokens=512)
@@ -98,8 +98,7 @@ def plot(curves: dict[str, list], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def run_benchmark(out: Path, steps: int, plot_path: Path) -> dict:

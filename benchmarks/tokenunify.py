@@ -40,6 +40,7 @@ from jaxtok import neuroseg
 from jaxtok.data import volumes
 from jaxtok.train import configs, pretrain
 from jaxtok.train.flops import cpu_model
+from jaxtok.train.observe import save_figure
 
 VARIANTS = {"scratch": None, "mae": (1, 0, 0), "ntp": (0, 1, 0), "tokenunify": (1, 1, 1)}
 SIZES = {
@@ -158,10 +159,7 @@ def plot(results: dict, slices: dict, test: tuple, path: Path) -> None:
     for ax in fig.axes[1:]:
         ax.set_axis_off()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 if __name__ == "__main__":

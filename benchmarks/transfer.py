@@ -49,6 +49,7 @@ import numpy as np
 
 from jaxtok.data.manpages import LANGS, manpage_split  # the fixed split, shared with train-hypernet
 from jaxtok.train.flops import cpu_model
+from jaxtok.train.observe import save_figure
 
 METHODS = ("mean", "fvt", "focus", "omp", "tokenadapt", "hypernet")
 # (label, method, options): every method at its defaults, plus OMP with few atoms (the donor here is
@@ -273,7 +274,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("SmolLM2-135M with a new tokenizer, no training")
     ax.legend(fontsize=8, ncol=len(labels), loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,7 @@ from jaxtok.train import (
     pretrain,
 )
 from jaxtok.train.configs import UnknownKeyError, apply_overrides
-from jaxtok.train.observe import read_metrics
+from jaxtok.train.observe import read_metrics, save_figure
 from jaxtok.train.trainer import accumulate_gradients
 
 LLAMA = llama.PRESETS["llama-tiny"]
@@ -409,3 +409,25 @@ def test_smollm2_continue_starts_from_the_pretrained_weights(smollm2):
     np.testing.assert_allclose(float(metrics["loss"]), direct, rtol=1e-4)
     # a uniform guess over 49152 tokens costs ln(49152) = 10.8 nats
     assert direct < 7.0 and np.isfinite(float(metrics["grad_norm"]))
+
+
+def test_save_figure_replaces_an_image_only_once_it_is_written(tmp_path):
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "plots" / "curve.png"
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    assert save_figure(fig, out) == out
+    good = out.read_bytes()
+    assert good.startswith(b"\x89PNG")
+
+    class DiskFull:
+        def savefig(self, path, **kwargs):
+            Path(path).write_bytes(b"\x89PN")  # half an image, then the failure
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_figure(DiskFull(), out)
+    assert out.read_bytes() == good and [p.name for p in out.parent.iterdir()] == ["curve.png"]

@@ -178,6 +178,25 @@ def _moving_average(values, window: int) -> list[float]:
     return out
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Writes a matplotlib figure to ``path`` (folders made) through a temporary file renamed at
+    the end: an interrupted save never leaves a broken image where a good one was. A pyplot
+    figure is closed (pyplot keeps every open figure alive)."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if "matplotlib.pyplot" in sys.modules:  # never imported here: no backend switch in notebooks
+        sys.modules["matplotlib.pyplot"].close(fig)
+    return path
+
+
 def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     """Train loss and eval bits per byte against step, as a PNG (None if nothing to plot)."""
     # The object API with the Agg canvas: no pyplot, so no global backend switch in notebooks.
@@ -203,6 +222,4 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path | None:
         ax2.plot(*zip(*evals), "o-", color="C1", label="eval bits/byte")
         ax2.set_ylabel("eval bits per byte", color="C1")
     ax.set_title(Path(metrics_path).parent.name)
-    out_path = Path(out_path)
-    fig.savefig(out_path, dpi=110)
-    return out_path
+    return save_figure(fig, out_path, dpi=110)
