@@ -74,11 +74,16 @@ def references(config: hn_train.HypernetExperiment, warm: dict | None) -> dict[s
     first_piece = hypernet_bpb(nn.unbox(task.init_fn(jax.random.key(config.seed))))
     start = {}
     if warm:
-        params, steps, source = hn_train.warm_start(warm["from"], hcfg, config.model)
-        if steps != warm["steps"]:
-            raise SystemExit(f"{source} now holds weights of {steps} steps, not the {warm['steps']} this run "
-                             "started from: their bits per byte can no longer be measured")
-        start = {"start_bpb": hypernet_bpb(params), "start_steps": steps}
+        try:
+            params, steps, source = hn_train.warm_start(warm["from"], hcfg, config.model)
+            same = hn_train.weights_digest(source) == warm["sha256"] if "sha256" in warm else steps == warm["steps"]
+        except (OSError, ValueError):
+            same = False
+        if same:
+            start = {"start_bpb": hypernet_bpb(params)}
+        else:
+            print(f"warning: {warm['from']} no longer holds the weights this run started from: the curve "
+                  "goes without its starting point", file=sys.stderr)
 
     def apply(p, tokens, positions):
         return module.apply({"params": p}, tokens, positions=positions).logits
@@ -93,19 +98,19 @@ def references(config: hn_train.HypernetExperiment, warm: dict | None) -> dict[s
                               batch_size=1, progress=False)
         nats, nbytes = nats + result.nats, nbytes + result.bytes
     return {"first_piece_bpb": first_piece, "base_bpb": nats / (np.log(2) * nbytes),
-            "eval_tokenizer_vocab": tok.get_vocab_size(), "base_window": "row", **start}
+            "eval_tokenizer_vocab": tok.get_vocab_size(), "base_window": "row", "warm": warm, **start}
 
 
-def plot(evals, refs, path: Path, title: str) -> None:
+def plot(evals, refs, start: int, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    start = refs.get("start_steps", 0)
-    ax.plot([start] + [start + r["step"] for r in evals], [refs.get("start_bpb", refs["first_piece_bpb"])]
-            + [r["bpb"] for r in evals], marker="o", ms=3, label="hypernetwork (held-out text, unseen tokenizer)")
+    first = [] if start and "start_bpb" not in refs else [(start, refs.get("start_bpb", refs["first_piece_bpb"]))]
+    points = first + [(start + r["step"], r["bpb"]) for r in evals]
+    ax.plot(*zip(*points), marker="o", ms=3, label="hypernetwork (held-out text, unseen tokenizer)")
     if start:
         ax.axvline(start, color="tab:gray", ls="--", alpha=0.6, label=f"warm start at step {start} (new optimizer)")
     ax.axhline(refs["first_piece_bpb"], color="tab:gray", ls=":", label="first-piece start (step 0)")
@@ -135,8 +140,8 @@ def main(argv=None) -> int:
     warm = json.loads(warm_file.read_text()) if warm_file.is_file() else None
     cached = run_dir / "references.json"
     refs = json.loads(cached.read_text()) if cached.is_file() and not args.recompute else {}
-    # absent, from the version that cut rows into windows, or without the warm start's line
-    if refs.get("base_window") != "row" or (warm and "start_bpb" not in refs):
+    # absent, from the version that cut rows into windows, or of another start
+    if refs.get("base_window") != "row" or refs.get("warm") != warm:
         refs = references(config, warm)
         tmp = cached.with_suffix(".tmp")
         tmp.write_text(json.dumps(refs, indent=1))
@@ -150,9 +155,9 @@ def main(argv=None) -> int:
     hours = sum(r.get("step_s", 0.0) for r in train) / 3600
     rate = statistics.median(r["tokens_per_s"] for r in train if "tokens_per_s" in r)
     mfu = statistics.median(r["mfu"] for r in train if "mfu" in r) if any("mfu" in r for r in train) else float("nan")
-    start = refs.get("start_steps", 0)
+    start = warm["steps"] if warm else 0
     print(f"{'step':>6} {'bpb':>7} {'/ base':>7}")
-    if start:
+    if "start_bpb" in refs:
         print(f"{start:>6} {refs['start_bpb']:>7.4f} {refs['start_bpb'] / refs['base_bpb']:>7.3f}  (warm start)")
     for r in evals:
         print(f"{start + r['step']:>6} {r['bpb']:>7.4f} {r['bpb'] / refs['base_bpb']:>7.3f}")
@@ -160,7 +165,7 @@ def main(argv=None) -> int:
           f"eval tokenizer {refs['eval_tokenizer_vocab']} tokens; {hours:.2f} h of steps"
           + (f" after the warm start from {warm['from']}" if warm else ""))
     out = Path(args.out) if args.out else run_dir / "curve.png"
-    plot(evals, refs, out, f"{config.model}: hypernetwork held-out bits/byte")
+    plot(evals, refs, start, out, f"{config.model}: hypernetwork held-out bits/byte")
     print(f"curve: {out}")
     last = evals[-1]
     print(f"RESULT steps={start + last['step']} run_steps={last['step']} hours={hours:.2f} eval_bpb={last['bpb']:.4f} "

@@ -270,8 +270,13 @@ def _resume_runs(tmp_path, lm, docs, held, base):
     first, uninterrupted = losses(tmp_path / "d")[0], losses(tmp_path / "a")
     assert abs(first - uninterrupted[2]) < 0.1 * min(abs(first - uninterrupted[0]), abs(first - uninterrupted[1]))
     assert hn.load_hypernet(warm.weights)[2]["steps"] == 4 and hn.load_hypernet(whole.weights)[2]["steps"] == 4
-    assert json.loads((tmp_path / "d" / hn_train.WARM_START_FILE).read_text()) == {"from": str(again.weights),
-                                                                                  "steps": 2}
+    record = json.loads((tmp_path / "d" / hn_train.WARM_START_FILE).read_text())
+    assert record == {"from": str(again.weights), "steps": 2, "sha256": hn_train.weights_digest(again.weights)}
+    # its checkpoint exports as 4 steps too (the data position, not the optimizer's count); the record stays
+    hn_train.run(dataclasses.replace(base, run_dir=str(tmp_path / "d"), steps=2), base=lm, documents=docs,
+                 held_out=held, devices=jax.devices()[:1], resume=True, export_only=True)
+    assert hn.load_hypernet(warm.weights)[2]["steps"] == 4
+    assert json.loads((tmp_path / "d" / hn_train.WARM_START_FILE).read_text()) == record
     other = hn.save_hypernet(tmp_path / "deeper", dataclasses.replace(older[0], n_layers=2),
                              hn.init_params(dataclasses.replace(older[0], n_layers=2), jax.random.key(0)))
     with pytest.raises(ValueError, match="does not fit this run's hypernetwork: n_layers 2 there, 1 here"):

@@ -40,6 +40,7 @@ from jaxtok.train.trainer import WEIGHT, OptimizerConfig, TrainTask
 from jaxtok.transfer.api import EMBEDDING_SLOTS
 from jaxtok.transfer.decompose import decompose
 from jaxtok.transfer.hypernet import (
+    WEIGHTS_FILE,
     HypernetConfig,
     embedding_stats,
     for_base,
@@ -489,7 +490,7 @@ def eval_batches(config: HypernetExperiment, docs: Sequence[str], base: TextToke
 
 
 WARM_START_FILE = "warm_start.json"  # in the run dir: where a warm-started run's weights came from
-ARCHITECTURE = ("embed_dim", "tied", "max_pieces", "d_model", "n_layers", "n_heads", "d_ff", "residual")
+ARCHITECTURE = ("embed_dim", "tied", "max_pieces", "d_model", "n_layers", "n_heads", "ff", "residual")
 
 
 def warm_start(init_from: str, hcfg: HypernetConfig, model: str) -> tuple[dict, int, str]:
@@ -498,7 +499,7 @@ def warm_start(init_from: str, hcfg: HypernetConfig, model: str) -> tuple[dict, 
     or base model is refused, naming the differences."""
     from pathlib import Path
 
-    folder = shipped_hypernet(model) if init_from == "shipped" else Path(init_from)
+    folder = shipped_hypernet(model) if init_from == "shipped" else Path(init_from).absolute()
     if folder is None:
         raise FileNotFoundError(f"init_from=shipped: no hypernetwork is shipped for {model}")
     saved, params, meta = load_hypernet(folder)
@@ -509,6 +510,15 @@ def warm_start(init_from: str, hcfg: HypernetConfig, model: str) -> tuple[dict, 
     if meta.get("base_model", model) != model:
         raise ValueError(f"{folder} was trained for {meta['base_model']}, not {model}")
     return params, int(meta.get("steps", 0)), str(folder)
+
+
+def weights_digest(folder) -> str:
+    """sha256 of a hypernetwork folder's weights file: which weights a warm start began from."""
+    import hashlib
+    from pathlib import Path
+
+    with open(Path(folder) / WEIGHTS_FILE, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -580,9 +590,12 @@ def run(config: HypernetExperiment, *, base: Any = None, resume: bool = False,
         else:
             restored = checkpointer.restore_latest(trainer.abstract_state) if resume else None
         if restored is not None:
-            changes = config_changes(restored.config, saved_config)
+            # init_from only starts a run: a resumed one goes on from its checkpoint either way
+            changes = [c for c in config_changes(restored.config, saved_config) if not c.startswith("init_from:")]
             if changes:
                 _say("warning: the config differs from the checkpoint's: " + "; ".join(changes))
+            if config.init_from:
+                _say(f"init_from={config.init_from} ignored: the run goes on from its checkpoint")
             data.set_state(restored.data_state)
             state = restored.state
             _say(f"resumed from step {restored.step} ({checkpointer.directory})")
@@ -593,12 +606,15 @@ def run(config: HypernetExperiment, *, base: Any = None, resume: bool = False,
             if config.init_from:
                 params, done, source = warm_start(config.init_from, hcfg, config.model)
                 data.set_state({"step": done})  # the text the source run would have read next
-                if jax.process_index() == 0:
+                _say(f"warm start from {source} ({done} steps; optimizer restarted)")
+            if jax.process_index() == 0:  # a fresh start: an earlier attempt's record goes
+                (run_dir / WARM_START_FILE).unlink(missing_ok=True)
+                if config.init_from:
                     run_dir.mkdir(parents=True, exist_ok=True)
                     tmp = run_dir / (WARM_START_FILE + ".tmp")
-                    tmp.write_text(json.dumps({"from": source, "steps": done}, indent=1))
+                    tmp.write_text(json.dumps({"from": source, "steps": done,
+                                               "sha256": weights_digest(source)}, indent=1))
                     tmp.replace(run_dir / WARM_START_FILE)
-                _say(f"warm start from {source} ({done} steps; optimizer restarted)")
             state = trainer.init_state(jax.random.key(config.seed), params)
         # model FLOPs of a step: the frozen LM's forward + backward to the embeddings, the
         # hypernetwork's over the padded vocabulary (counted per LM token)
