@@ -9,7 +9,8 @@ through ``jaxtok pretrain`` from the exported folder, once with only the embeddi
 
 The new tokenizer, training text and evaluation text are those of ``benchmarks/transfer.py``'s
 multilingual domain (BPE of ``--vocab`` tokens on the man pages' tokenizer split; continued
-training on that split; evaluation on the evaluation split, never trained on). The gap is
+training on that split; evaluation on the evaluation split, never trained on, in windows of the
+same bytes for every model as there: 512 tokens of the original tokenizer). The gap is
 ``bpb(transferred) - bpb(original model, own tokenizer)``; reported per mode: bits per byte
 after training, the share of the gap closed, and that share per million training tokens.
 
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from transfer import bpb, cpu_model, ensure_manpages, take_bytes  # noqa: E402  (the same text and metric)
+from transfer import bpb, cpu_model, ensure_manpages, equal_bytes_window, take_bytes  # noqa: E402  (same text, metric)
 
 
 def continue_training(folder: Path, text_file: Path, run_dir: Path, trainable: str, steps: int, lr: float,
@@ -87,7 +88,11 @@ def main(argv=None) -> int:
     options = [f"path={args.hypernet}"] if args.hypernet else []
     moved = transfer(base, tok, "hypernet", options, base_name="smollm2-135m")
     folder = export_hf_folder(moved, work / "zero-shot")
-    zero_shot = bpb(moved, eval_text, 512)
+    n_bytes = len(eval_text.encode("utf-8"))
+    window = equal_bytes_window(512, len(base.tokenizer.encode(eval_text)) / n_bytes,
+                                len(tok.encode(eval_text, add_special_tokens=False).ids) / n_bytes)
+    print(f"windows: 512 tokens for the original, {window} for the new tokenizer (the same bytes)", flush=True)
+    zero_shot = bpb(moved, eval_text, window)
     gap = zero_shot - original
     print(f"original {original:.4f} bits/byte; zero-shot hypernet {zero_shot:.4f} (x{zero_shot / original:.3f})",
           flush=True)
@@ -97,7 +102,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         run_dir = continue_training(folder, text_file, work / f"continue-{mode}", mode, args.steps, lr,
                                     args.seq_len, args.batch)
-        after = bpb(load_pretrained_lm(f"continue-{mode}", run_dir), eval_text, 512)
+        after = bpb(load_pretrained_lm(f"continue-{mode}", run_dir), eval_text, window)
         closed = (zero_shot - after) / gap if gap > 0 else float("nan")
         results[mode] = (after, closed, time.perf_counter() - start)
         print(f"{mode}: {after:.4f} bits/byte (x{after / original:.3f}) after {tokens} tokens, "

@@ -91,6 +91,13 @@ def take_bytes(docs: list[str], limit: int) -> list[str]:
 # Models
 
 
+def equal_bytes_window(window: int, base_tpb: float, new_tpb: float) -> int:
+    """Tokens of the new tokenizer that hold the bytes of ``window`` tokens of the original (from
+    tokens per byte of each): the same context per window for every model, where a window of as many
+    tokens of a more compact tokenizer would hold more text and start over less often."""
+    return max(16, round(window * new_tpb / base_tpb))
+
+
 def bpb(lm, text: str, window: int) -> float:
     from jaxtok.evaluate import evaluate_bpb
     from jaxtok.models.registry import module_for
@@ -190,9 +197,7 @@ def run_smollm2(domain: str, train_docs, eval_text, args, work, smollm2, embedde
     rows = [{"domain": domain, "method": "original", "bpb": base_bpb, "ratio": 1.0, "tpb": base_tpb,
              "tpb_original": base_tpb, "seconds": 0.0, "window": args.window}]
     new_tpb = len(tok.encode(eval_text, add_special_tokens=False).ids) / n_bytes
-    # the same bytes of context per window for every model: --window tokens of a more compact
-    # tokenizer would hold more text (and start over less often) than the original's window
-    window = max(16, round(args.window * new_tpb / base_tpb))
+    window = equal_bytes_window(args.window, base_tpb, new_tpb)
     print(f"  windows: {args.window} tokens for the original, {window} for the new tokenizer "
           f"(~{args.window / base_tpb:.0f} bytes each)", flush=True)
     for method, (lm, seconds) in transfer_all(smollm2, tok, train_docs, donor, embedder, "smollm2-135m",
